@@ -1,0 +1,109 @@
+"""Reading user images safely and preprocessing them exactly as LLaVA-1.5 does."""
+from __future__ import annotations
+
+import io
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from mmchat.config import VisionConfig
+
+MAX_PIXELS = 50_000_000
+"""Larger images are refused (or, for JPEG, decoded at a reduced size) instead of risking memory."""
+
+
+class ImageError(ValueError):
+    """An image that cannot be used; the message says why and what to do."""
+
+
+def load_image(source: str | Path | bytes | Image.Image, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """Open a path, bytes or PIL image as an 8-bit RGB image, or raise `ImageError`.
+
+    Handles grayscale, 16-bit, palette, RGBA (composited on white), CMYK and animated images
+    (first frame), truncated files, and decompression bombs.
+    """
+    name = str(source) if isinstance(source, (str, Path)) else "the image"
+    if isinstance(source, Image.Image):
+        image = source
+    else:
+        try:
+            with warnings.catch_warnings():
+                # Pillow warns, then raises, on very large images; we check the size ourselves below.
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                image = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
+        except FileNotFoundError:
+            raise ImageError(f"image file not found: {name}") from None
+        except Image.DecompressionBombError:
+            raise ImageError(f"{name} is too large to open safely; downscale it below {max_pixels // 10**6} megapixels") from None
+        except (UnidentifiedImageError, OSError) as e:
+            raise ImageError(f"{name} is not a readable image ({e.__class__.__name__}); upload a PNG, JPEG, WebP or GIF file") from None
+    width, height = image.size
+    if width * height > max_pixels:
+        if image.format != "JPEG":
+            raise ImageError(
+                f"{name} is {width}×{height} ({width * height / 1e6:.0f} megapixels); "
+                f"downscale it below {max_pixels // 10**6} megapixels"
+            )
+        # JPEG decodes at 1/2, 1/4 or 1/8 scale for free: the model sees at most 336 px anyway.
+        scale = (width * height / max_pixels) ** 0.5
+        image.draft("RGB", (int(width / scale), int(height / scale)))
+    try:
+        if getattr(image, "is_animated", False):
+            image.seek(0)
+        image.load()
+        return _to_rgb(image)
+    except (OSError, ValueError, SyntaxError) as e:
+        raise ImageError(f"{name} is truncated or corrupt ({e}); re-save or re-upload it") from None
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    image = ImageOps.exif_transpose(image)
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        # 16/32-bit grayscale: scale to 8 bits by the range the mode can hold, not a plain cast.
+        array = np.asarray(image, dtype=np.float64)
+        peak = 65535.0 if image.mode.startswith("I;16") or array.max() > 255 else 255.0
+        if image.mode == "F" and array.max() <= 1.0:
+            peak = 1.0
+        array = np.clip(array / peak * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        image = Image.fromarray(array, mode="L")
+    if image.mode == "P":
+        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, image.convert("RGBA"))
+    return image.convert("RGB")
+
+
+def expand_to_square(image: Image.Image, colour: tuple[int, int, int]) -> Image.Image:
+    """LLaVA's pad-to-square: the image centred on a square canvas of `colour`."""
+    width, height = image.size
+    if width == height:
+        return image
+    side = max(width, height)
+    canvas = Image.new(image.mode, (side, side), colour)
+    canvas.paste(image, ((side - width) // 2, (side - height) // 2))
+    return canvas
+
+
+def preprocess(image: Image.Image, cfg: VisionConfig) -> torch.Tensor:
+    """RGB image -> normalised pixels [3, S, S], as LLaVA-1.5 (pad, CLIPImageProcessor).
+
+    Resize: shortest side to S, bicubic; centre crop S×S; scale to [0, 1]; normalise.
+    """
+    size = cfg.image_size
+    if cfg.pad_to_square:
+        image = expand_to_square(image, tuple(int(m * 255) for m in cfg.mean))
+    width, height = image.size
+    short, long = min(width, height), max(width, height)
+    new_long = int(size * long / short)
+    new_size = (size, new_long) if width <= height else (new_long, size)
+    image = image.resize(new_size, Image.Resampling.BICUBIC)
+    left, top = (image.width - size) // 2, (image.height - size) // 2
+    image = image.crop((left, top, left + size, top + size))
+    pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)
+    mean = torch.tensor(cfg.mean, dtype=torch.float32)[:, None, None]
+    std = torch.tensor(cfg.std, dtype=torch.float32)[:, None, None]
+    return (pixels - mean) / std

@@ -1,0 +1,150 @@
+"""The multimodal model: CLIP vision tower -> projector -> LLM, and how to load it."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from mmchat.config import LOAD_IN, ModelConfig
+from mmchat.projector import build_projector
+from mmchat.vision import image_features, load_vision_tower, num_image_tokens
+
+
+@dataclass
+class LoadOptions:
+    load_in: str = "4bit"
+    """4bit (NF4, double quant), 8bit, 16bit (bf16) or 32bit weights for the LLM."""
+    device: str | None = None
+    """cuda, cuda:N or cpu; None picks cuda when available."""
+
+    def __post_init__(self) -> None:
+        if self.load_in not in LOAD_IN:
+            raise ValueError(f"--load-in {self.load_in!r}: choose one of {', '.join(LOAD_IN)}")
+        if self.device is None:
+            self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(f"--device {self.device}: no CUDA GPU is visible; use --device cpu")
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        # bf16 matmuls are ~300x slower than fp32 on typical CPUs; GPUs want bf16.
+        if self.device == "cpu":
+            return torch.bfloat16 if self.load_in == "16bit" else torch.float32
+        return torch.float32 if self.load_in == "32bit" else torch.bfloat16
+
+
+class MultimodalModel(nn.Module):
+    """LLaVA-1.5: image features from CLIP's `select_layer`, projected into the LLM's image slots."""
+
+    def __init__(self, config: ModelConfig, vision: nn.Module, projector: nn.Module, llm: nn.Module, tokenizer):
+        super().__init__()
+        self.config = config
+        self.vision = vision
+        self.projector = projector
+        self.llm = llm
+        self.tokenizer = tokenizer
+
+    @property
+    def device(self) -> torch.device:
+        return self.llm.get_input_embeddings().weight.device
+
+    @property
+    def image_tokens(self) -> int:
+        return num_image_tokens(self.vision, self.config.vision)
+
+    @property
+    def max_context(self) -> int:
+        return int(getattr(self.llm.config, "max_position_embeddings", None) or self.tokenizer.model_max_length)
+
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Normalised pixels [N, 3, S, S] -> projected features [N, T, H] (LLM embedding dtype)."""
+        vision_device = next(self.vision.parameters()).device
+        feats = image_features(self.vision, pixels.to(vision_device), self.config.vision)  # [N, T, D] fp32
+        proj_param = next(self.projector.parameters())
+        out = self.projector(feats.to(proj_param.device, proj_param.dtype))
+        return out.to(self.llm.get_input_embeddings().weight.dtype)
+
+    def embed(self, input_ids: torch.Tensor, image_mask: torch.Tensor, features: torch.Tensor | None) -> torch.Tensor:
+        """Token embeddings [B, L, H] with image slots replaced by `features` [N, T, H] in order."""
+        embeds = self.llm.get_input_embeddings()(input_ids)
+        slots = int(image_mask.sum())
+        given = 0 if features is None else features.shape[0] * features.shape[1]
+        if slots != given:
+            raise ValueError(
+                f"image slots and image features disagree: {slots} slot positions vs {given} feature vectors "
+                f"({0 if features is None else features.shape[0]} images × {self.image_tokens} tokens)"
+            )
+        if slots:
+            embeds = embeds.masked_scatter(image_mask.unsqueeze(-1), features.reshape(-1, features.shape[-1]).to(embeds.dtype))
+        return embeds
+
+    def forward(self, input_ids, image_mask, attention_mask=None, pixel_values=None, labels=None, **llm_kwargs):
+        """Training / scoring forward: [B, L] ids, masks and labels; pixel_values [N, 3, S, S]."""
+        features = self.encode_images(pixel_values) if pixel_values is not None and len(pixel_values) else None
+        embeds = self.embed(input_ids, image_mask, features)
+        return self.llm(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels, **llm_kwargs)
+
+
+def quantization_config(options: LoadOptions):
+    """transformers' `BitsAndBytesConfig` for 4-bit NF4 (double quant) or 8-bit; None otherwise."""
+    from transformers import BitsAndBytesConfig
+
+    if options.load_in == "4bit":
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=options.compute_dtype,
+        )
+    if options.load_in == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return None
+
+
+def resolve_path(checkpoint: Path, ref: str) -> str:
+    """A reference inside a checkpoint (relative folder) or outside it (absolute path / hub id)."""
+    local = Path(checkpoint) / ref
+    return str(local) if local.exists() else ref
+
+
+def load_llm(path: str, options: LoadOptions, adapter: str | None = None, trainable: bool = False):
+    """A transformers causal LM at `options.load_in` precision, with an optional PEFT adapter."""
+    from transformers import AutoModelForCausalLM
+
+    llm = AutoModelForCausalLM.from_pretrained(
+        path,
+        quantization_config=quantization_config(options),
+        dtype=options.compute_dtype,
+        device_map={"": options.device},
+        trust_remote_code=False,
+    )
+    if adapter:
+        from peft import PeftModel
+
+        llm = PeftModel.from_pretrained(llm, adapter, is_trainable=trainable)
+    return llm
+
+
+def load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+
+
+def load_model(checkpoint: str | Path, options: LoadOptions | None = None) -> MultimodalModel:
+    """Load an mmchat checkpoint folder (see `mmchat.checkpoint`) for inference."""
+    from safetensors.torch import load_file
+
+    options = options or LoadOptions()
+    checkpoint = Path(checkpoint)
+    config = ModelConfig.load(checkpoint)
+    vision = load_vision_tower(config.vision, checkpoint).to(options.device)
+    projector = build_projector(config.projector)
+    projector.load_state_dict(load_file(str(checkpoint / "projector.safetensors")))
+    projector.to(options.device, options.compute_dtype).eval().requires_grad_(False)
+    adapter = resolve_path(checkpoint, config.adapter) if config.adapter else None
+    llm = load_llm(resolve_path(checkpoint, config.llm), options, adapter).eval()
+    tokenizer = load_tokenizer(resolve_path(checkpoint, config.tokenizer))
+    return MultimodalModel(config, vision, projector, llm, tokenizer)

@@ -1,0 +1,280 @@
+"""A chat session about images that keeps its KV cache between turns.
+
+Each turn renders the whole conversation with the one renderer, keeps the longest cached
+prefix that still matches (token ids, and image identity for image slots), crops the cache
+there and prefills only the rest. Answers therefore equal a full re-prefill of the history,
+while turn N costs only its own tokens. Undo and regenerate are history edits; the cache
+follows by the same prefix rule.
+"""
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+from PIL import Image
+
+from mmchat.conversation import ASSISTANT, USER, Message, Rendered, render
+from mmchat.generate import GenerationConfig, next_token
+from mmchat.image import load_image, preprocess
+from mmchat.model import MultimodalModel
+from mmchat.templates import get_template
+
+
+class ContextError(ValueError):
+    """The conversation cannot fit the model's context window."""
+
+
+@dataclass
+class TurnStats:
+    prompt_tokens: int = 0
+    """Tokens of the rendered conversation fed to the model this turn."""
+    prefill_tokens: int = 0
+    """Of those, how many were computed now (the rest came from the KV cache)."""
+    new_tokens: int = 0
+    dropped_turns: int = 0
+    time_to_first_token: float = 0.0
+    decode_seconds: float = 0.0
+
+    @property
+    def decode_tokens_per_second(self) -> float:
+        return (self.new_tokens - 1) / self.decode_seconds if self.new_tokens > 1 and self.decode_seconds > 0 else 0.0
+
+
+@dataclass
+class _Image:
+    uid: int
+    image: Image.Image
+    features: torch.Tensor | None = None  # [T, H], computed once
+
+
+_uids = itertools.count()
+
+
+@dataclass
+class ChatSession:
+    """One conversation with a `MultimodalModel`; `ask` streams the answer as text deltas."""
+
+    model: MultimodalModel
+    template: str | None = None
+    """Template name; None uses the checkpoint's."""
+    messages: list[Message] = field(default_factory=list)
+    notices: list[str] = field(default_factory=list)
+    """Things the user should be told (e.g. old turns dropped to fit the context)."""
+    last_stats: TurnStats = field(default_factory=TurnStats)
+
+    def __post_init__(self) -> None:
+        self._template = get_template(self.template or self.model.config.template)
+        self._images: list[_Image] = []  # in conversation order
+        self._cache = None
+        self._cached_keys: list = []  # token id per cached position, ("img", uid) for image slots
+
+    # -- conversation edits -------------------------------------------------------------
+    def ask(self, text: str, image=None, gen: GenerationConfig | None = None) -> Iterator[str]:
+        """Add a user turn (optionally with an image: path, bytes or PIL) and stream the answer.
+
+        Raises `ImageError`/`ValueError`/`ContextError` before anything changes when the input
+        cannot be used. Closing the iterator early (Stop) keeps the partial answer.
+        """
+        if not text or not text.strip():
+            raise ValueError("the message is empty; type a question")
+        if self.messages and self.messages[-1].role == USER:
+            raise ValueError("the last question has no answer yet; call respond() or regenerate()")
+        new_images = [] if image is None else [_Image(next(_uids), load_image(image))]
+        self.messages.append(Message(USER, text.strip(), len(new_images)))
+        self._images += new_images
+        try:
+            rendered = self._render_for_generation(gen or GenerationConfig())
+        except ContextError:
+            self.messages.pop()
+            del self._images[len(self._images) - len(new_images):]
+            raise
+        return self._generate(rendered, gen or GenerationConfig())
+
+    def respond(self, gen: GenerationConfig | None = None) -> Iterator[str]:
+        """Answer the pending last user message (e.g. after an interrupted turn)."""
+        if not self.messages or self.messages[-1].role != USER:
+            raise ValueError("there is no question to answer; ask one first")
+        gen = gen or GenerationConfig()
+        return self._generate(self._render_for_generation(gen), gen)
+
+    def regenerate(self, gen: GenerationConfig | None = None) -> Iterator[str]:
+        """Drop the last answer and answer the last question again."""
+        if self.messages and self.messages[-1].role == ASSISTANT:
+            self.messages.pop()
+        return self.respond(gen)
+
+    def undo(self) -> None:
+        """Remove the last question and its answer (and the image that came with it)."""
+        if self.messages and self.messages[-1].role == ASSISTANT:
+            self.messages.pop()
+        if self.messages:
+            removed = self.messages.pop()
+            if removed.images:
+                del self._images[-removed.images:]
+
+    def clear(self) -> None:
+        self.messages.clear()
+        self._images.clear()
+        self.notices.clear()
+        self.drop_cache()
+
+    def drop_cache(self) -> None:
+        """Free the KV cache and image features; the next turn re-prefills transparently."""
+        self._cache = None
+        self._cached_keys = []
+        for im in self._images:
+            im.features = None
+
+    @property
+    def cached_tokens(self) -> int:
+        return len(self._cached_keys)
+
+    @property
+    def images(self) -> list[Image.Image]:
+        return [im.image for im in self._images]
+
+    # -- rendering ---------------------------------------------------------------------
+    def _render(self, messages: list[Message], generation_prompt: bool = True) -> Rendered:
+        return render(messages, self._template, self.model.tokenizer, self.model.image_tokens,
+                      add_generation_prompt=generation_prompt, image_token_id=self.model.config.image_token_id)
+
+    def _render_for_generation(self, gen: GenerationConfig) -> "_View":
+        """Render the history, dropping the oldest turns (never the system prompt) to fit."""
+        limit = self.model.max_context
+        first, images_before = 0, 0
+        while True:
+            view = self.messages[first:]
+            rendered = self._render(view)
+            if len(rendered) + min(gen.max_new_tokens, 16) <= limit or len(view) == 1:
+                break
+            images_before += view[0].images + view[1].images
+            first += 2
+        if len(rendered) >= limit:
+            raise ContextError(
+                f"the message needs {len(rendered)} tokens but the model's context holds {limit}; "
+                "shorten the message"
+            )
+        dropped = first // 2
+        if dropped:
+            self.notices.append(f"Dropped the {dropped} oldest turn(s) to fit the {limit}-token context.")
+        return _View(rendered, self._images[images_before:], dropped)
+
+    # -- the model ---------------------------------------------------------------------
+    def _keys(self, view: "_View") -> list:
+        keys, slot = [], 0
+        tokens = self.model.image_tokens
+        for tok, is_image in zip(view.rendered.input_ids, view.rendered.image_mask):
+            keys.append(("img", view.images[slot // tokens].uid) if is_image else tok)
+            slot += is_image
+        return keys
+
+    def _features(self, images: list[_Image]) -> torch.Tensor:
+        """Projected features [len(images) * T, H], encoding only images not seen before."""
+        todo = [im for im in images if im.features is None]
+        if todo:
+            pixels = torch.stack([preprocess(im.image, self.model.config.vision) for im in todo])
+            for im, feats in zip(todo, self.model.encode_images(pixels)):
+                im.features = feats
+        return torch.cat([im.features for im in images]) if images else None
+
+    @torch.inference_mode()
+    def _prefill(self, view: "_View") -> torch.Tensor:
+        """Feed the part of the rendered view not in the cache; logits [V] of the last position."""
+        keys = self._keys(view)
+        keep = sum(1 for _ in itertools.takewhile(lambda kk: kk[0] == kk[1], zip(keys, self._cached_keys)))
+        keep = min(keep, len(keys) - 1)  # the last position must run to give logits
+        if keep == 0:
+            self._cache = None
+        elif keep < len(self._cached_keys):
+            self._cache.crop(keep - len(self._cached_keys))  # negative: how many positions to remove
+        mask = view.rendered.image_mask
+        rows = self._features(view.images)
+        start_row = sum(mask[:keep])
+        suffix_rows = None if rows is None else rows[start_row:start_row + sum(mask[keep:])]
+        ids = torch.tensor([view.rendered.input_ids[keep:]], device=self.model.device)
+        image_mask = torch.tensor([mask[keep:]], device=self.model.device)
+        feats = None if suffix_rows is None or not len(suffix_rows) else suffix_rows.unsqueeze(0)
+        embeds = self.model.embed(ids, image_mask, feats)
+        out = self.model.llm(inputs_embeds=embeds, cache=self._cache, use_cache=True)
+        self._cache = out.cache
+        self._cached_keys = keys
+        self.last_stats.prefill_tokens = len(keys) - keep
+        return out.logits[0, -1]
+
+    @torch.inference_mode()
+    def _step(self, token: int) -> torch.Tensor:
+        ids = torch.tensor([[token]], device=self.model.device)
+        out = self.model.llm(input_ids=ids, cache=self._cache, use_cache=True)
+        self._cache = out.cache
+        self._cached_keys.append(token)
+        return out.logits[0, -1]
+
+    def _generate(self, view: "_View", gen: GenerationConfig) -> Iterator[str]:
+        tokenizer = self.model.tokenizer
+        stops = self._template.stop_strings
+        generator = None
+        if gen.seed is not None:
+            generator = torch.Generator(device=self.model.device).manual_seed(gen.seed)
+        budget = min(gen.max_new_tokens, self.model.max_context - len(view.rendered))
+        self.last_stats = TurnStats(prompt_tokens=len(view.rendered), dropped_turns=view.dropped)
+        started = time.perf_counter()
+        context = torch.tensor([t for t, im in zip(view.rendered.input_ids, view.rendered.image_mask) if not im],
+                               dtype=torch.long, device=self.model.device)
+        generated: list[int] = []
+        text, shown, failed = "", 0, False
+        try:
+            logits = self._prefill(view)
+            while len(generated) < budget:
+                token = next_token(logits, torch.cat([context, torch.tensor(generated, dtype=torch.long, device=context.device)]), gen, generator)
+                if not generated:
+                    self.last_stats.time_to_first_token = time.perf_counter() - started
+                if token == tokenizer.eos_token_id:
+                    break
+                generated.append(token)
+                text = tokenizer.decode(generated, skip_special_tokens=True)
+                cut = min((text.find(s) for s in stops if s in text), default=-1)
+                if cut >= 0:
+                    text = text[:cut]
+                    break
+                visible = _safe_prefix(text, stops)
+                if len(visible) > shown:
+                    yield visible[shown:]
+                    shown = len(visible)
+                if len(generated) == budget:
+                    break
+                logits = self._step(token)
+        except Exception:
+            # The question stays unanswered (respond() or regenerate() retries); the cache may be
+            # half-written, so it is dropped.
+            failed = True
+            self.drop_cache()
+            raise
+        finally:
+            # Also runs when the consumer stops early (Stop): keep what was said so far.
+            if not failed:
+                self.last_stats.new_tokens = len(generated)
+                self.last_stats.decode_seconds = time.perf_counter() - started - self.last_stats.time_to_first_token
+                self.messages.append(Message(ASSISTANT, text.strip()))
+        if len(text) > shown:
+            yield text[shown:]
+
+
+@dataclass
+class _View:
+    rendered: Rendered
+    images: list[_Image]
+    dropped: int
+
+
+def _safe_prefix(text: str, stops: tuple[str, ...]) -> str:
+    """Text safe to show now: no half-decoded character, no possible start of a stop string."""
+    end = len(text.rstrip("\ufffd"))
+    for stop in stops:
+        for k in range(min(len(stop) - 1, end), 0, -1):
+            if text[:end].endswith(stop[:k]):
+                end -= k
+                break
+    return text[:end]

@@ -1,0 +1,51 @@
+"""Sampling settings and next-token choice (temperature, top-p, repetition penalty)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class GenerationConfig:
+    max_new_tokens: int = 512
+    temperature: float = 0.2
+    """0 (or below 1e-5) decodes greedily. 0.2 / top-p 0.7 are LLaVA's web-demo defaults."""
+    top_p: float = 0.7
+    repetition_penalty: float = 1.0
+    """>1 discourages tokens already in the context (CTRL-style, as transformers applies it)."""
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens={self.max_new_tokens}: must be at least 1 (--max-new-tokens)")
+        if self.temperature < 0:
+            raise ValueError(f"temperature={self.temperature}: must be >= 0 (--temperature; 0 is greedy)")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p={self.top_p}: must be in (0, 1] (--top-p)")
+        if self.repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty={self.repetition_penalty}: must be > 0")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < 1e-5
+
+
+def next_token(
+    logits: torch.Tensor, context_ids: torch.Tensor, cfg: GenerationConfig, generator: torch.Generator | None
+) -> int:
+    """logits [V] of the last position -> the chosen token id."""
+    logits = logits.float()
+    if cfg.repetition_penalty != 1.0 and context_ids.numel():
+        seen = logits[context_ids]
+        logits[context_ids] = torch.where(seen > 0, seen / cfg.repetition_penalty, seen * cfg.repetition_penalty)
+    if cfg.greedy:
+        return int(torch.argmax(logits))
+    probs = torch.softmax(logits / cfg.temperature, dim=-1)
+    if cfg.top_p < 1.0:
+        sorted_probs, order = torch.sort(probs, descending=True)
+        # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
+        drop = torch.cumsum(sorted_probs, dim=-1) - sorted_probs >= cfg.top_p
+        sorted_probs[drop] = 0.0
+        probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
+    return int(torch.multinomial(probs / probs.sum(), 1, generator=generator))

@@ -48,8 +48,12 @@ def load_image(source: str | Path | bytes | Image.Image, max_pixels: int = MAX_P
                 f"downscale it below {max_pixels // 10**6} megapixels"
             )
         # JPEG decodes at 1/2, 1/4 or 1/8 scale for free: the model sees at most 336 px anyway.
-        scale = (width * height / max_pixels) ** 0.5
-        image.draft("RGB", (int(width / scale), int(height / scale)))
+        factor = 2
+        while width * height / factor**2 > max_pixels and factor < 8:
+            factor *= 2
+        image.draft("RGB", (width // factor, height // factor))
+        if image.width * image.height > max_pixels:
+            raise ImageError(f"{name} is {width}×{height}; downscale it below {max_pixels // 10**6} megapixels")
     try:
         if getattr(image, "is_animated", False):
             image.seek(0)

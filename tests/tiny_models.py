@@ -62,10 +62,18 @@ def llama_config(vocab_size: int, hidden: int = 64, layers: int = 2, max_positio
     )
 
 
-def build_checkpoint(out: Path, tokenizer_dir: Path, seed: int = 0, projector_type: str = "mlp2x_gelu") -> Path:
-    """A random tiny mmchat checkpoint: tiny CLIP (own weights) + projector + tiny LLaMA."""
+def bloom_config(vocab_size: int, hidden: int = 64, layers: int = 2):
+    from transformers import BloomConfig
+
+    return BloomConfig(vocab_size=vocab_size, hidden_size=hidden, n_layer=layers, n_head=4,
+                       bos_token_id=1, eos_token_id=2, pad_token_id=3)
+
+
+def build_checkpoint(out: Path, tokenizer_dir: Path, seed: int = 0, projector_type: str = "mlp2x_gelu",
+                     arch: str = "llama") -> Path:
+    """A random tiny mmchat checkpoint: tiny CLIP (own weights) + projector + tiny LLaMA (or BLOOM)."""
     import open_clip
-    from transformers import AutoTokenizer, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from mmchat.checkpoint import save_checkpoint
     from mmchat.config import ModelConfig, ProjectorConfig, VisionConfig
@@ -74,7 +82,8 @@ def build_checkpoint(out: Path, tokenizer_dir: Path, seed: int = 0, projector_ty
     torch.manual_seed(seed)
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     visual = open_clip.CLIP(**TINY_CLIP_CFG).visual
-    llm = LlamaForCausalLM(llama_config(len(tokenizer)))
+    llm_config = {"llama": llama_config, "bloom": bloom_config}[arch](len(tokenizer))
+    llm = AutoModelForCausalLM.from_config(llm_config)
     config = ModelConfig(
         vision=VisionConfig(open_clip_model="tiny-vit", pretrained=None, image_size=32),
         projector=ProjectorConfig(projector_type, in_dim=32, out_dim=64),

@@ -186,9 +186,9 @@ def _sources(cfg: BuildConfig) -> Iterator[tuple[SourceLog, Iterator[dict]]]:
         log = SourceLog(f"--coco-captions {path}")
         yield log, coco_caption_records(path, _folder(cfg.coco_image_dir, i), cfg.captions_per_image, cfg.seed,
                                         cfg.image_root, log, cfg.progress)
-    for questions, annotations in zip(cfg.vqav2_questions, cfg.vqav2_annotations):
+    for questions, answers_file in zip(cfg.vqav2_questions, cfg.vqav2_annotations):
         log = SourceLog(f"--vqav2-questions {questions}")
-        yield log, vqav2_records(questions, annotations, cfg.vqav2_image_pattern, cfg.max_turns, cfg.image_root,
+        yield log, vqav2_records(questions, answers_file, cfg.vqav2_image_pattern, cfg.max_turns, cfg.image_root,
                                  log, cfg.progress)
     for i, path in enumerate(cfg.qa_jsonl):
         log = SourceLog(f"--qa-jsonl {path}")

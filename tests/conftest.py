@@ -30,3 +30,33 @@ def tiny_tokenizer(tiny_tokenizer_dir):
 def tiny_checkpoint(tmp_path_factory, tiny_tokenizer_dir):
     """A random tiny mmchat checkpoint folder (vision in the folder, 16 image tokens)."""
     return build_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny", tiny_tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_llava_hf_model(tmp_path_factory, tiny_tokenizer_dir):
+    """(folder, model): a random tiny llava-hf checkpoint as `save_pretrained` writes it, with its
+    processor and `<image>` token, and the in-memory `LlavaForConditionalGeneration` it came from."""
+    from tiny_models import build_llava_hf
+
+    out = tmp_path_factory.mktemp("llava-hf") / "tiny-llava-hf"
+    return out, build_llava_hf(out, tiny_tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_llava_hf_dir(tiny_llava_hf_model):
+    """A random tiny llava-hf checkpoint folder (CLIP 32 px / patch 8 -> 16 image tokens, tiny LLaMA)."""
+    return tiny_llava_hf_model[0]
+
+
+@pytest.fixture(scope="session")
+def app_server(tiny_checkpoint, tmp_path_factory):
+    """`python app.py` serving the tiny checkpoint in 4 bits (the path users get on a GPU).
+
+    --max-sessions 3 is below the load test's 8 clients, so eviction and re-prefill happen.
+    """
+    from app_server import AppServer
+
+    server = AppServer(["--model", str(tiny_checkpoint), "--load-in", "4bit", "--max-sessions", "3"],
+                       tmp_path_factory.mktemp("app"))
+    yield server
+    server.stop()

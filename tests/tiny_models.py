@@ -90,3 +90,133 @@ def build_checkpoint(out: Path, tokenizer_dir: Path, seed: int = 0, projector_ty
     )
     projector = build_projector(config.projector)
     return save_checkpoint(out, config, projector, tokenizer, llm=llm, vision=visual, vision_model_cfg=TINY_CLIP_CFG)
+
+
+# Tiny transformers CLIP tower matching TINY_CLIP_CFG's shape: 32 px, patch 8 -> 16 image tokens.
+TINY_HF_CLIP_CFG = {
+    "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 3, "num_attention_heads": 4,
+    "image_size": 32, "patch_size": 8, "hidden_act": "quick_gelu", "projection_dim": 16,
+}
+LLAVA_HF_VOCAB = 448  # the tokenizer's 400 + <image>, padded to a multiple of 64 as llava-hf's 32064
+
+
+def build_llava_hf(out: Path, tokenizer_dir: Path, seed: int = 0):
+    """A random tiny `LlavaForConditionalGeneration` saved with its processor, as llava-hf's folders are.
+
+    Returns the model (eval mode) so tests can compare against it without reloading.
+    """
+    from transformers import (
+        AutoTokenizer, CLIPImageProcessor, CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    tokenizer.add_tokens(["<image>"], special_tokens=True)
+    config = LlavaConfig(
+        vision_config=CLIPVisionConfig(**TINY_HF_CLIP_CFG),
+        text_config=llama_config(LLAVA_HF_VOCAB),
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        image_seq_length=16,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+    )
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config).eval()
+    model.save_pretrained(out)
+    image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=8,
+                               vision_feature_select_strategy="default", num_additional_image_tokens=1)
+    processor.save_pretrained(out)
+    return model
+
+
+def build_original_llava(out: Path, llava, tokenizer_dir: Path, weights: str = "sharded") -> Path:
+    """The same weights as a llava-hf model, in the original LLaVA layout (`LlavaLlamaForCausalLM`).
+
+    LLaMA keys + `model.mm_projector.{0,2}.*`; the CLIP tower saved beside it as a transformers
+    folder named by `mm_vision_tower`. `weights`: "sharded" (safetensors + index) or "bin".
+    """
+    import json
+
+    from huggingface_hub import save_torch_state_dict
+    from transformers import AutoTokenizer, CLIPImageProcessor
+
+    out.mkdir(parents=True)
+    clip_dir = out.parent / f"{out.name}-clip"
+    llava.model.vision_tower.save_pretrained(clip_dir)
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(clip_dir)
+    state = {f"model.{k}": v for k, v in llava.model.language_model.state_dict().items()}
+    state["lm_head.weight"] = llava.lm_head.weight
+    proj = llava.model.multi_modal_projector
+    for i, layer in ((0, proj.linear_1), (2, proj.linear_2)):
+        state[f"model.mm_projector.{i}.weight"] = layer.weight
+        state[f"model.mm_projector.{i}.bias"] = layer.bias
+    state = {k: v.detach().clone().contiguous() for k, v in state.items()}
+    if weights == "bin":
+        torch.save(state, out / "pytorch_model.bin")
+    else:
+        save_torch_state_dict(state, out, max_shard_size="200KB")
+    config = llava.config.text_config.to_dict()
+    config.update({
+        "architectures": ["LlavaLlamaForCausalLM"], "model_type": "llava_llama",
+        "mm_vision_tower": str(clip_dir), "mm_vision_select_layer": -2, "mm_vision_select_feature": "patch",
+        "mm_projector_type": "mlp2x_gelu", "mm_hidden_size": llava.config.vision_config.hidden_size,
+        "mm_use_im_start_end": False, "mm_use_im_patch_token": False, "mm_patch_merge_type": "flat",
+        "image_aspect_ratio": "pad", "tune_mm_mlp_adapter": False, "freeze_mm_mlp_adapter": False,
+        "tokenizer_padding_side": "right", "tokenizer_model_max_length": 512,
+    })
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(out)
+    return out
+
+
+COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220), "yellow": (240, 220, 30)}
+
+
+def build_colour_data(folder: Path, records: int = 32, text_only: int = 0, multi_turn: bool = False,
+                      suffix: str = ".json") -> Path:
+    """A learnable LLaVA-format set: solid-colour images, "What colour is it?" -> the colour's name.
+
+    Writes `folder/images/*.png` and `folder/data{suffix}` (JSON list or JSONL); image paths are
+    relative to `folder`. `text_only` records without an image are appended.
+    """
+    import json
+
+    from PIL import Image
+
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    for name, rgb in COLOURS.items():
+        Image.new("RGB", (40, 30), rgb).save(folder / "images" / f"{name}.png")
+    names = list(COLOURS)
+    out = []
+    for i in range(records):
+        colour = names[i % len(names)]
+        turns = [{"from": "human", "value": "<image>\nWhat colour is it?"}, {"from": "gpt", "value": colour}]
+        if multi_turn and i % 2:
+            turns += [{"from": "human", "value": "Is it a square?"}, {"from": "gpt", "value": "yes"}]
+        out.append({"id": f"c{i}", "image": f"images/{colour}.png", "conversations": turns})
+    for i in range(text_only):
+        out.append({"id": f"t{i}", "conversations": [{"from": "human", "value": "Say yes."}, {"from": "gpt", "value": "yes"}]})
+    path = folder / f"data{suffix}"
+    if suffix == ".jsonl":
+        path.write_text("".join(json.dumps(r) + "\n" for r in out))
+    else:
+        path.write_text(json.dumps(out, indent=1))
+    return path
+
+
+def build_trainable_checkpoint(out: Path, tokenizer_dir: Path, seed: int = 0, head_std: float = 0.2) -> Path:
+    """A tiny checkpoint whose lm_head starts wide enough for LoRA training to drive the loss down.
+
+    At the usual std 0.02, the frozen lm_head and norms cap every logit near 1, so any LoRA run
+    plateaus near ln(vocab) - 1 whatever it learns.
+    """
+    from transformers import AutoModelForCausalLM
+
+    build_checkpoint(out, tokenizer_dir, seed)
+    llm = AutoModelForCausalLM.from_pretrained(out / "llm")
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        llm.lm_head.weight.copy_(torch.randn(llm.lm_head.weight.shape, generator=generator) * head_std)
+    llm.save_pretrained(out / "llm")
+    return out

@@ -1,0 +1,388 @@
+"""Convert LLaVA checkpoints into mmchat checkpoints, and mmchat checkpoints into llava-hf folders.
+
+    python -m mmchat.convert SRC DST                  # LLaVA folder or hub id -> mmchat checkpoint
+    python -m mmchat.convert --to llava-hf SRC DST    # mmchat checkpoint -> LlavaForConditionalGeneration
+
+SRC's format is detected from its config.json:
+  llava-hf   what `LlavaForConditionalGeneration.save_pretrained` writes (`model_type: llava`,
+             `text_config`, `vision_config`); loaded through transformers, which renames its keys.
+  original   LLaVA's own `LlavaLlamaForCausalLM` (`mm_vision_tower`, `mm_projector_type`, ...): LLaMA
+             weights plus `model.mm_projector.*`; the CLIP tower is named, not included.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from mmchat.checkpoint import (
+    is_checkpoint,
+    save_checkpoint,
+)
+from mmchat.clip_weights import UnsupportedTower, open_clip_from_hf
+from mmchat.config import (
+    CLIP_MEAN,
+    CLIP_STD,
+    ModelConfig,
+    ProjectorConfig,
+    VisionConfig,
+)
+from mmchat.projector import build_projector
+
+TARGETS = ("mmchat", "llava-hf")
+IMAGE_TOKEN = "<image>"
+# The original checkpoints name their tower by hub id; open_clip has the same OpenAI weights.
+OPENAI_TOWERS = {
+    "openai/clip-vit-large-patch14-336": ("ViT-L-14-336", "openai"),
+    "openai/clip-vit-large-patch14": ("ViT-L-14", "openai"),
+}
+SELECT_STRATEGIES = {"patch": "default", "cls_patch": "full"}  # mmchat select_feature -> llava-hf strategy
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+MERGE_HINT = "merge the adapter first with `python -m finetune.merge`"
+
+
+class ConvertError(ValueError):
+    """A checkpoint or flag that cannot be converted; the message says which and what to do."""
+
+
+@dataclass
+class ConvertArgs:
+    src: str
+    """A LLaVA folder or hub id (llava-hf or original format); with `--to llava-hf`, an mmchat checkpoint."""
+    dst: Path
+    """The folder to write; it must not exist unless --force."""
+    to: str = "mmchat"
+    """`mmchat` (from LLaVA) or `llava-hf` (from mmchat, for transformers / vLLM / SGLang / TGI)."""
+    vision_tower: str | None = None
+    """Original-format LLaVA only: use this CLIP instead of `mm_vision_tower`, as an open_clip
+    `NAME/TAG` (e.g. `ViT-L-14-336/openai`) or a local transformers CLIP folder."""
+    force: bool = False
+    """Replace an existing DST (it is swapped out only once the new folder is complete)."""
+
+    def __post_init__(self) -> None:
+        self.dst = Path(self.dst)
+        if self.to not in TARGETS:
+            raise ConvertError(f"--to {self.to!r}: choose one of {', '.join(TARGETS)}")
+        if self.to == "llava-hf" and self.vision_tower:
+            raise ConvertError("Can't combine --vision-tower with --to llava-hf: the mmchat checkpoint already names its tower.")
+
+
+def log(message: str) -> None:
+    print(f"[convert] {message}", file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------- LLaVA -> mmchat
+
+
+def to_mmchat(src: str, dst: Path, vision_tower: str | None = None, overwrite: bool = False) -> Path:
+    """Convert a llava-hf or original-format LLaVA checkpoint (folder or hub id) into an mmchat checkpoint."""
+    dst = check_destination(dst, overwrite)
+    folder = fetch(src)
+    kind, config = detect_format(folder)
+    log(f"{folder}: {kind} checkpoint")
+    if kind == "llava-hf":
+        if vision_tower:
+            raise ConvertError("--vision-tower applies to original-format LLaVA only; a llava-hf checkpoint includes its tower")
+        return from_llava_hf(folder, dst)
+    return from_original(folder, config, dst, vision_tower)
+
+
+def check_destination(dst: Path, overwrite: bool) -> Path:
+    dst = Path(dst)
+    if dst.exists() and not overwrite:
+        raise ConvertError(f"DST {dst} already exists; choose a new folder or pass --force to replace it")
+    return dst
+
+
+def fetch(src: str) -> Path:
+    """A local folder, or a hub id downloaded with `huggingface_hub.snapshot_download`."""
+    path = Path(src).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise ConvertError(f"SRC {src} is a file; pass the checkpoint folder")
+        return path
+    if not re.fullmatch(r"[\w.-]+/[\w.-]+", src) or src.startswith("."):
+        raise ConvertError(f"SRC {src} does not exist")
+    from huggingface_hub import constants, snapshot_download
+
+    try:
+        return Path(snapshot_download(src, ignore_patterns=["*.h5", "*.msgpack", "*.onnx", "*.ot", "*.gguf"]))
+    except Exception as e:  # offline, unknown repo, gated, network: all end the same way for the user
+        why = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+        raise ConvertError(f"{src!r} is not a local folder and could not be fetched from the Hugging Face Hub ({why}); download it and pass the local folder") from None
+
+
+def detect_format(folder: Path) -> tuple[str, dict]:
+    """`llava-hf` or `original`, with the folder's config.json."""
+    if is_checkpoint(folder):
+        raise ConvertError(f"{folder} is already an mmchat checkpoint; load it directly (convert it with --to llava-hf to export)")
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise ConvertError(f"{folder} has no config.json: not a LLaVA checkpoint (expected a llava-hf or original LLaVA folder)")
+    config = json.loads(config_path.read_text())
+    architectures = config.get("architectures") or []
+    if any(k.startswith("mm_") for k in config) or any(a.startswith("Llava") and a.endswith("ForCausalLM") for a in architectures):
+        return "original", config
+    if config.get("model_type") == "llava" and "text_config" in config and "vision_config" in config:
+        return "llava-hf", config
+    raise ConvertError(
+        f"{config_path}: model_type={config.get('model_type')!r}, architectures={architectures} is neither llava-hf "
+        "(LlavaForConditionalGeneration) nor original LLaVA (LlavaLlamaForCausalLM with mm_* keys)"
+    )
+
+
+def from_llava_hf(folder: Path, dst: Path) -> Path:
+    """llava-hf -> mmchat: the tower becomes open_clip, `linear_1/2` the projector's `0/2`, the LLM a causal LM."""
+    from transformers import AutoTokenizer, LlavaConfig, LlavaForConditionalGeneration
+
+    hf_config = LlavaConfig.from_pretrained(folder)
+    check_llava_hf(hf_config)
+    log("loading the llava-hf model")
+    llava, info = LlavaForConditionalGeneration.from_pretrained(folder, dtype="auto", output_loading_info=True)
+    if info["missing_keys"]:
+        raise ConvertError(f"{folder} is missing weights {sorted(info['missing_keys'])[:5]}; is the download complete?")
+    visual, clip_cfg = open_clip_from_hf(llava.model.vision_tower)
+    settings = image_settings(folder, hf_config.vision_config.image_size)
+    try:
+        vision = VisionConfig(
+            open_clip_model=f"{folder.name}/vision_tower",
+            pretrained=None,  # the weights travel in vision/
+            select_layer=hf_config.vision_feature_layer,
+            select_feature={v: k for k, v in SELECT_STRATEGIES.items()}[hf_config.vision_feature_select_strategy],
+            pad_to_square=True,  # LLaVA-1.5 was trained on padded images, whatever the llava-hf processor does
+            **settings,
+        )
+    except ValueError as e:
+        raise ConvertError(f"{folder}/config.json: {e}") from None
+    hf_proj = llava.model.multi_modal_projector
+    projector_cfg = ProjectorConfig("mlp2x_gelu", hf_proj.linear_1.in_features, hf_proj.linear_2.out_features)
+    projector = build_projector(projector_cfg)
+    projector.load_state_dict({f"{i}.{p}": getattr(layer, p).float() for i, layer in ((0, hf_proj.linear_1), (2, hf_proj.linear_2)) for p in ("weight", "bias")})
+    llm = causal_lm(hf_config.text_config, llava.model.language_model, llava.lm_head)
+    config = ModelConfig(vision=vision, projector=projector_cfg, template="llava_v1", image_token_id=hf_config.image_token_index)
+    log(f"writing {dst}")
+    return save_checkpoint(dst, config, projector, AutoTokenizer.from_pretrained(folder), llm=llm, vision=visual, vision_model_cfg=clip_cfg)
+
+
+def check_llava_hf(config) -> None:
+    problems = []
+    if config.vision_config.model_type != "clip_vision_model":
+        problems.append(f"vision tower {config.vision_config.model_type!r} (mmchat runs CLIP through open_clip)")
+    if not isinstance(config.vision_feature_layer, int):
+        problems.append(f"vision_feature_layer={config.vision_feature_layer} (several layers)")
+    if config.vision_feature_select_strategy not in SELECT_STRATEGIES.values():
+        problems.append(f"vision_feature_select_strategy={config.vision_feature_select_strategy!r}")
+    if config.projector_hidden_act != "gelu":
+        problems.append(f"projector_hidden_act={config.projector_hidden_act!r} (mlp2x_gelu uses exact gelu)")
+    if not config.multimodal_projector_bias:
+        problems.append("a projector without bias")
+    if problems:
+        raise ConvertError(f"this llava-hf checkpoint has {'; '.join(problems)}, which mmchat does not support")
+
+
+def causal_lm(text_config, base_model: nn.Module, lm_head: nn.Module) -> nn.Module:
+    """`AutoModelForCausalLM.from_config(text_config)` around existing modules (no second copy in memory)."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        llm = AutoModelForCausalLM.from_config(text_config)
+    setattr(llm, llm.base_model_prefix, base_model)
+    llm.set_output_embeddings(lm_head)
+    assert not any(t.is_meta for t in [*llm.parameters(), *llm.buffers()]), "causal LM left with meta tensors"
+    return llm
+
+
+def image_settings(folder: Path, default_size: int) -> dict:
+    """Image size, mean and std from the folder's image processor, else CLIP's."""
+    if not any((folder / f).is_file() for f in ("preprocessor_config.json", "processor_config.json")):
+        return {"image_size": default_size, "mean": CLIP_MEAN, "std": CLIP_STD}
+    from transformers import AutoImageProcessor
+
+    processor = AutoImageProcessor.from_pretrained(folder)
+    crop, size = processor.crop_size, processor.size
+    if crop.height != crop.width or (size.shortest_edge and size.shortest_edge != crop.height):
+        raise ConvertError(
+            f"{folder}: image processor resizes to {size} and crops {crop}; mmchat's LLaVA preprocessing "
+            "resizes the short side to the crop size and crops a square"
+        )
+    return {"image_size": crop.height, "mean": tuple(processor.image_mean), "std": tuple(processor.image_std)}
+
+
+def from_original(folder: Path, config: dict, dst: Path, vision_tower: str | None) -> Path:
+    """Original LLaVA -> mmchat: LLaMA weights as a causal LM, `model.mm_projector.*` as the projector."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    check_original(folder, config)
+    tower_name = vision_tower or config.get("mm_vision_tower")
+    if not tower_name:
+        raise ConvertError(f"{folder}/config.json names no mm_vision_tower; pass --vision-tower")
+    vision_kwargs, visual, clip_cfg, width = resolve_tower(tower_name, from_flag=vision_tower is not None)
+    if config.get("mm_hidden_size", width) != width:
+        raise ConvertError(f"mm_hidden_size={config['mm_hidden_size']} but vision tower {tower_name} is {width} wide; pass the right --vision-tower")
+    projector_state = read_tensors(folder, weight_files(folder), "model.mm_projector.")
+    if not projector_state:
+        raise ConvertError(f"{folder} has no model.mm_projector.* weights; is it a LLaVA checkpoint?")
+    first = projector_state.get("0.weight", projector_state.get("weight"))
+    try:
+        vision = VisionConfig(
+            select_layer=config["mm_vision_select_layer"],
+            select_feature=config.get("mm_vision_select_feature", "patch"),  # LLaVA's default
+            pad_to_square=config.get("image_aspect_ratio") == "pad",
+            **vision_kwargs,
+        )
+        projector_cfg = ProjectorConfig(config.get("mm_projector_type", "linear"), first.shape[1], first.shape[0])
+    except ValueError as e:
+        raise ConvertError(f"{folder}/config.json: {e}") from None
+    projector = build_projector(projector_cfg)
+    if set(projector_state) != set(projector.state_dict()):
+        raise ConvertError(
+            f"model.mm_projector.* holds {sorted(projector_state)} but mm_projector_type={projector_cfg.type!r} "
+            f"has {sorted(projector.state_dict())}; fix mm_projector_type in {folder}/config.json"
+        )
+    projector.load_state_dict({k: v.float() for k, v in projector_state.items()})
+
+    llama_keys = set(LlamaConfig().to_dict()) | {"rope_scaling", "rope_theta", "torch_dtype"}
+    llama_config = LlamaConfig(**{k: v for k, v in config.items() if k in llama_keys and k != "model_type"})
+    log("loading the language model")
+    llm, info = LlamaForCausalLM.from_pretrained(folder, config=llama_config, dtype="auto", output_loading_info=True)
+    if info["missing_keys"]:
+        raise ConvertError(f"{folder} is missing LLaMA weights {sorted(info['missing_keys'])[:5]}; is the download complete?")
+    if any(".vision_tower." in k for k in info["unexpected_keys"]):
+        log(f"note: ignoring vision tower weights stored in the checkpoint; the tower comes from {tower_name}")
+    config_out = ModelConfig(vision=vision, projector=projector_cfg, template="llava_v1")
+    log(f"writing {dst}")
+    return save_checkpoint(dst, config_out, projector, AutoTokenizer.from_pretrained(folder), llm=llm, vision=visual, vision_model_cfg=clip_cfg)
+
+
+def check_original(folder: Path, config: dict) -> None:
+    architectures = config.get("architectures") or ["LlavaLlamaForCausalLM"]
+    if (folder / "adapter_config.json").is_file():
+        raise ConvertError(f"{folder} is a LLaVA LoRA checkpoint; merge it into its base with LLaVA's scripts/merge_lora_weights.py first")
+    problems = []
+    if architectures != ["LlavaLlamaForCausalLM"]:
+        problems.append(f"architectures={architectures} (only LlavaLlamaForCausalLM is supported)")
+    if "mm_vision_select_layer" not in config:
+        problems.append("no mm_vision_select_layer")
+    if config.get("mm_use_im_start_end"):
+        problems.append("mm_use_im_start_end=true (image start/end tokens)")
+    if config.get("image_aspect_ratio") not in (None, "pad", "square"):
+        problems.append(f"image_aspect_ratio={config['image_aspect_ratio']!r} (LLaVA-NeXT tiling)")
+    if config.get("mm_patch_merge_type", "flat") != "flat":
+        problems.append(f"mm_patch_merge_type={config['mm_patch_merge_type']!r}")
+    if problems:
+        raise ConvertError(f"{folder}/config.json: {'; '.join(problems)}; mmchat supports LLaVA-1.5-style checkpoints")
+
+
+def resolve_tower(name: str, from_flag: bool) -> tuple[dict, nn.Module | None, dict | None, int]:
+    """The CLIP an original checkpoint needs: (VisionConfig fields, open_clip visual or None, its config, width)."""
+    import open_clip
+
+    if Path(name).expanduser().is_dir():
+        folder = Path(name).expanduser()
+        visual, clip_cfg = load_hf_clip(folder)
+        settings = image_settings(folder, clip_cfg["vision_cfg"]["image_size"])
+        return {"open_clip_model": folder.name, "pretrained": None, **settings}, visual, clip_cfg, clip_cfg["vision_cfg"]["width"]
+    model, tag = OPENAI_TOWERS.get(name) or (name.split("/", 1) if from_flag and "/" in name else (None, None))
+    if model is None or model not in open_clip.list_models() or tag not in open_clip.list_pretrained_tags_by_model(model):
+        source = "--vision-tower" if from_flag else "mm_vision_tower in config.json"
+        raise ConvertError(
+            f"unknown vision tower {name!r} ({source}); pass --vision-tower as an open_clip NAME/TAG "
+            "(e.g. ViT-L-14-336/openai) or a local folder with a transformers CLIP model"
+        )
+    vision_cfg = open_clip.get_model_config(model)["vision_cfg"]
+    pretrained = open_clip.get_pretrained_cfg(model, tag)
+    settings = {
+        "open_clip_model": model,
+        "pretrained": tag,
+        "image_size": vision_cfg["image_size"],
+        "mean": tuple(pretrained.get("mean") or CLIP_MEAN),
+        "std": tuple(pretrained.get("std") or CLIP_STD),
+    }
+    return settings, None, None, vision_cfg["width"]
+
+
+def load_hf_clip(folder: Path) -> tuple[nn.Module, dict]:
+    """A transformers CLIPModel / CLIPVisionModel folder -> (open_clip visual, its config)."""
+    from transformers import CLIPVisionModelWithProjection
+
+    model_type = json.loads((folder / "config.json").read_text()).get("model_type") if (folder / "config.json").is_file() else None
+    if model_type not in ("clip", "clip_vision_model"):
+        raise ConvertError(f"vision tower folder {folder} holds model_type={model_type!r}, not a transformers CLIP; pass --vision-tower")
+    tower, info = CLIPVisionModelWithProjection.from_pretrained(folder, output_loading_info=True)
+    missing = set(info["missing_keys"]) - {"visual_projection.weight"}
+    if missing:
+        raise ConvertError(f"vision tower folder {folder} is missing weights {sorted(missing)[:5]}")
+    projection = None if "visual_projection.weight" in info["missing_keys"] else tower.visual_projection.weight
+    return open_clip_from_hf(tower.vision_model, projection)
+
+
+def weight_files(folder: Path) -> dict[str, list[str]]:
+    """Weight files of a transformers folder, each with the keys it holds (None = read the file to know)."""
+    for name in WEIGHT_FILES:
+        index = folder / f"{name}.index.json"
+        if index.is_file():
+            files: dict[str, list[str]] = {}
+            for key, file in json.loads(index.read_text())["weight_map"].items():
+                files.setdefault(file, []).append(key)
+            return files
+        if (folder / name).is_file():
+            return {name: None}
+    raise ConvertError(f"{folder} has no {' or '.join(WEIGHT_FILES)} (or a sharded index); a projector-only (stage-1) checkpoint cannot be converted alone")
+
+
+def read_tensors(folder: Path, files: dict, prefix: str) -> dict[str, torch.Tensor]:
+    """Tensors whose key starts with `prefix`, prefix removed. `.bin` files load with weights_only."""
+    from safetensors import safe_open
+
+    out = {}
+    for file, keys in files.items():
+        if keys is not None and not any(k.startswith(prefix) for k in keys):
+            continue
+        if file.endswith(".safetensors"):
+            with safe_open(str(folder / file), "pt") as f:
+                out.update({k.removeprefix(prefix): f.get_tensor(k) for k in f.keys() if k.startswith(prefix)})
+        else:
+            state = torch.load(folder / file, map_location="cpu", weights_only=True, mmap=True)
+            out.update({k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)})
+    return out
+
+
+def parse_args(argv: list[str] | None = None) -> ConvertArgs:
+    parser = argparse.ArgumentParser(prog="python -m mmchat.convert", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("src", help="a LLaVA folder or hub id (llava-hf or original); an mmchat checkpoint with --to llava-hf")
+    parser.add_argument("dst", type=Path, help="the folder to write (must not exist unless --force)")
+    parser.add_argument("--to", choices=TARGETS, default="mmchat", help="target format (default: mmchat)")
+    parser.add_argument("--vision-tower", help="original LLaVA only: open_clip NAME/TAG or a local transformers CLIP folder, instead of mm_vision_tower")
+    parser.add_argument("--force", action="store_true", help="replace DST if it exists")
+    ns = parser.parse_args(argv)
+    return ConvertArgs(src=ns.src, dst=ns.dst, to=ns.to, vision_tower=ns.vision_tower, force=ns.force)
+
+
+def convert(args: ConvertArgs) -> Path:
+    if args.to == "llava-hf":
+        from mmchat.export_llava_hf import to_llava_hf  # imports this module's helpers
+        return to_llava_hf(Path(args.src), args.dst, overwrite=args.force)
+    return to_mmchat(args.src, args.dst, vision_tower=args.vision_tower, overwrite=args.force)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()  # load reports list the mm_* keys we skip on purpose; we check what matters
+    try:
+        out = convert(parse_args(argv))
+    except (ConvertError, UnsupportedTower) as e:
+        print("error: " + " ".join(str(e).split("\n")), file=sys.stderr)
+        return 2
+    log(f"done: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

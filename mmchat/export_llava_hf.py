@@ -1,0 +1,171 @@
+"""mmchat checkpoint -> a llava-hf folder (`LlavaForConditionalGeneration` + `AutoProcessor`).
+
+`python -m mmchat.convert --to llava-hf SRC DST` calls `to_llava_hf`, so a model tuned with mmchat
+can be served by engines that load llava-hf folders (vLLM, SGLang, TGI).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from mmchat.checkpoint import PROJECTOR_FILE, is_checkpoint, replace_dir
+from mmchat.clip_weights import hf_from_open_clip
+from mmchat.config import ModelConfig
+from mmchat.convert import (
+    IMAGE_TOKEN,
+    MERGE_HINT,
+    SELECT_STRATEGIES,
+    ConvertError,
+    check_destination,
+    log,
+)
+from mmchat.templates import get_template
+from mmchat.vision import load_vision_tower, num_image_tokens
+
+
+def to_llava_hf(src: Path, dst: Path, overwrite: bool = False) -> Path:
+    """Write an mmchat checkpoint as a folder `LlavaForConditionalGeneration` and `AutoProcessor` load."""
+    from transformers import AutoModelForCausalLM
+
+    from mmchat.model import load_tokenizer, resolve_path
+
+    dst = check_destination(dst, overwrite)
+    config = exportable_config(Path(src))
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.CRITICAL)  # open_clip logs a failed download on the root logger; we report it once
+    try:
+        visual = load_vision_tower(config.vision, src)
+    except RuntimeError as e:  # a named open_clip tower that cannot be downloaded
+        raise ConvertError(str(e)) from None
+    finally:
+        root.setLevel(level)
+    log("loading the language model")
+    llm = AutoModelForCausalLM.from_pretrained(resolve_path(src, config.llm), dtype="auto")
+    tokenizer = load_tokenizer(resolve_path(src, config.tokenizer))
+    llava = assemble_llava(config, visual, load_file(str(Path(src) / PROJECTOR_FILE)), llm, add_image_token(tokenizer, llm))
+    processor = llava_processor(config, llava.config, tokenizer)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")  # complete before it takes DST's name
+    shutil.rmtree(tmp, ignore_errors=True)
+    log(f"writing {dst}")
+    llava.save_pretrained(tmp)
+    processor.save_pretrained(tmp)
+    replace_dir(tmp, dst)
+    return dst
+
+
+def exportable_config(src: Path) -> ModelConfig:
+    """The checkpoint's config, if llava-hf can express the model."""
+    if not is_checkpoint(src):
+        raise ConvertError(f"SRC {src} is not an mmchat checkpoint (no mmchat.json); convert LLaVA folders without --to")
+    config = ModelConfig.load(src)
+    if config.adapter:
+        raise ConvertError(f"{src} holds a PEFT adapter on top of {config.llm}, not a full LLM; {MERGE_HINT}")
+    if config.projector.type != "mlp2x_gelu":
+        raise ConvertError(f"projector type {config.projector.type!r}: llava-hf always has linear_1 -> gelu -> linear_2 (mlp2x_gelu)")
+    if config.vision.select_feature not in SELECT_STRATEGIES:
+        raise ConvertError(f"vision select_feature={config.vision.select_feature!r}: llava-hf supports {sorted(SELECT_STRATEGIES)}")
+    return config
+
+
+def assemble_llava(config: ModelConfig, visual: nn.Module, projector_state: dict, llm: nn.Module, image_token_id: int) -> nn.Module:
+    """A `LlavaForConditionalGeneration` around the LLM's own modules, the tower as transformers' CLIP
+    and the projector's `0/2` as `linear_1/2`, all in the LLM's dtype."""
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
+    from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
+
+    dtype = llm.get_input_embeddings().weight.dtype
+    tower = hf_from_open_clip(visual, dtype)
+    hf_config = LlavaConfig(
+        vision_config=tower.config,
+        text_config=llm.config,
+        image_token_index=image_token_id,
+        image_seq_length=num_image_tokens(visual, config.vision),
+        projector_hidden_act="gelu",
+        vision_feature_layer=config.vision.select_layer,
+        vision_feature_select_strategy=SELECT_STRATEGIES[config.vision.select_feature],
+    )
+    with torch.device("meta"):  # every module is replaced below; nothing is allocated twice
+        llava = LlavaForConditionalGeneration(hf_config)
+    projector = LlavaMultiModalProjector(hf_config)
+    projector.load_state_dict({f"linear_{n}.{p}": projector_state[f"{i}.{p}"] for n, i in ((1, 0), (2, 2)) for p in ("weight", "bias")})
+    llava.model.vision_tower = tower
+    llava.model.multi_modal_projector = projector.to(dtype)
+    llava.model.language_model = getattr(llm, llm.base_model_prefix)
+    llava.lm_head = llm.get_output_embeddings()
+    assert not any(t.is_meta for t in [*llava.parameters(), *llava.buffers()]), "llava left with meta tensors"
+    return llava.eval()
+
+
+def llava_processor(config: ModelConfig, hf_config, tokenizer):
+    """`LlavaProcessor`: the tokenizer, a LLaVA image processor with mmchat's settings (`do_pad` is
+    LLaVA's pad to square) and a chat template rendering mmchat's prompt."""
+    from transformers import LlavaProcessor
+    from transformers.models.llava.image_processing_llava import LlavaImageProcessor
+
+    size = config.vision.image_size
+    image_processor = LlavaImageProcessor(
+        do_pad=config.vision.pad_to_square,
+        size={"shortest_edge": size},
+        crop_size={"height": size, "width": size},
+        image_mean=list(config.vision.mean),
+        image_std=list(config.vision.std),
+    )
+    return LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=hf_config.vision_config.patch_size,
+        vision_feature_select_strategy=hf_config.vision_feature_select_strategy,
+        num_additional_image_tokens=1,  # CLIP's CLS; the "default" strategy drops it again
+        chat_template=chat_template(config.template),
+    )
+
+
+def add_image_token(tokenizer, llm: nn.Module) -> int:
+    """The tokenizer's `<image>` id, added as a special token if missing; the LLM's vocabulary grows
+    (to a multiple of 64, as llava-hf's 32064) only when the id does not fit."""
+    if IMAGE_TOKEN not in tokenizer.get_vocab():
+        tokenizer.add_tokens([IMAGE_TOKEN], special_tokens=True)
+    image_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    old = llm.get_input_embeddings().weight.shape[0]
+    if image_id >= old:
+        llm.resize_token_embeddings(image_id + 1, pad_to_multiple_of=64, mean_resizing=False)
+        with torch.no_grad():
+            # New rows get the mean row: the input row is overwritten by image features anyway, and a
+            # mean output row scores an average logit, far below any likely next token.
+            for layer in {llm.get_input_embeddings(), llm.get_output_embeddings()}:
+                layer.weight[old:] = layer.weight[:old].mean(0)
+        log(f"added {IMAGE_TOKEN} as token {image_id}; vocabulary {old} -> {llm.get_input_embeddings().weight.shape[0]}")
+    return image_id
+
+
+def chat_template(name: str) -> str | None:
+    """A Jinja chat template rendering the same prompt string as mmchat's template (`two` style only)."""
+    template = get_template(name)
+    if template.style != "two":
+        log(f"note: no chat_template written for the {name!r} template; only llava_v1-style prompts are exported")
+        return None
+    return (
+        "{%- if messages[0]['role'] == 'system' -%}{%- set system = messages[0]['content'] -%}{%- set messages = messages[1:] -%}"
+        "{%- else -%}{%- set system = " + json.dumps(template.system) + " -%}{%- endif -%}"
+        "{{- system + ' ' -}}"
+        "{%- for message in messages -%}"
+        "{%- if message['content'] is string -%}{%- set images = 0 -%}{%- set text = message['content'] -%}"
+        "{%- else -%}{%- set images = message['content'] | selectattr('type', 'equalto', 'image') | list | length -%}"
+        "{%- set text = message['content'] | selectattr('type', 'equalto', 'text') | map(attribute='text') | join('') -%}{%- endif -%}"
+        "{%- if message['role'] == 'user' -%}{{- 'USER: ' + '<image>\\n' * images + text + ' ' -}}"
+        "{%- else -%}{{- 'ASSISTANT: ' + text + '</s>' -}}{%- endif -%}"
+        "{%- endfor -%}"
+        "{%- if add_generation_prompt -%}{{- 'ASSISTANT:' -}}{%- endif -%}"
+    )
+
+
+# ---------------------------------------------------------------- command line

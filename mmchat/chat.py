@@ -34,6 +34,8 @@ class TurnStats:
     prefill_tokens: int = 0
     """Of those, how many were computed now (the rest came from the KV cache)."""
     new_tokens: int = 0
+    answer_ids: list[int] = field(default_factory=list)
+    """The generated token ids (EOS excluded), for exact comparisons."""
     dropped_turns: int = 0
     time_to_first_token: float = 0.0
     decode_seconds: float = 0.0
@@ -256,6 +258,7 @@ class ChatSession:
             # Also runs when the consumer stops early (Stop): keep what was said so far.
             if not failed:
                 self.last_stats.new_tokens = len(generated)
+                self.last_stats.answer_ids = list(generated)
                 self.last_stats.decode_seconds = time.perf_counter() - started - self.last_stats.time_to_first_token
                 self.messages.append(Message(ASSISTANT, text.strip()))
         if len(text) > shown:

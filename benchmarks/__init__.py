@@ -1,0 +1,1 @@
+"""Benchmarks: `python -m benchmarks.chat`, `python -m benchmarks.train`, `python -m benchmarks.memory`."""

@@ -1,0 +1,289 @@
+"""Multi-turn chat latency: mmchat's cached session vs transformers' LLaVA re-prefilling every turn.
+
+    python -m benchmarks.chat --quick          # ≤ 2 minutes on 2 CPU cores
+    python -m benchmarks.chat                  # SmolLM-135M-shaped LLM, 10 turns
+
+Both engines load the same random weights (saved in llava-hf format) and answer the same
+10-turn conversation about one image greedily. The reference does what LLaVA's web worker and
+`LlavaForConditionalGeneration.generate` servers do: re-tokenise and re-prefill the whole
+conversation and re-encode the image every turn. Each engine × precision runs in its own
+process so peak memory is its own. The run fails if the engines' tokens differ.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from benchmarks.common import machine, peak_memory_mb, reset_peak_memory, table, write_json
+from benchmarks.random_llava import LlavaShape
+
+ENGINES = ("reference", "mmchat")
+
+
+@dataclass
+class ChatBenchConfig:
+    quick: bool = False
+    """Fewer layers and tokens: ≤ 2 minutes on 2 CPU cores."""
+    out: Path = Path("benchmarks/results")
+    """Where chat.json and chat.png go."""
+    turns: int = 10
+    new_tokens: int = 24
+    """Tokens generated per turn (both engines stop at EOS earlier if the model says so)."""
+    precisions: list[str] = field(default_factory=lambda: ["4bit", "32bit"])
+    device: str | None = None
+    seed: int = 0
+    shape: LlavaShape = field(default_factory=LlavaShape)
+
+    def __post_init__(self) -> None:
+        if self.quick:
+            self.shape = LlavaShape(layers=6)
+            self.new_tokens = min(self.new_tokens, 12)
+        if self.turns < 2:
+            raise ValueError(f"--turns {self.turns}: the benchmark compares later turns, use at least 2")
+
+
+# ------------------------------------------------------------------ one engine, one process
+
+
+class _FirstTokenTimer:
+    """A `generate` streamer that notes when the first new token arrives (the first put is the prompt)."""
+
+    def __init__(self) -> None:
+        self.calls, self.first, self.end_time = 0, None, None
+
+    def put(self, value) -> None:
+        self.calls += 1
+        if self.calls == 2:
+            self.first = time.perf_counter()
+
+    def end(self) -> None:
+        self.end_time = time.perf_counter()
+
+
+def _turns(questions: list[str], image_path: str):
+    from PIL import Image
+
+    image = Image.open(image_path).convert("RGB")
+    return [(q, image if i == 0 else None) for i, q in enumerate(questions)]
+
+
+def run_mmchat(job: dict) -> list[dict]:
+    from mmchat.chat import ChatSession
+    from mmchat.generate import GenerationConfig
+    from mmchat.model import LoadOptions, load_model
+
+    model = load_model(job["checkpoint"], LoadOptions(job["precision"], job["device"]))
+    gen = GenerationConfig(max_new_tokens=job["new_tokens"], temperature=0.0)
+    turns = _turns(job["questions"], job["image"])
+    "".join(ChatSession(model).ask("warm up", turns[0][1], GenerationConfig(max_new_tokens=2, temperature=0.0)))
+    session, out = ChatSession(model), []
+    for question, image in turns:
+        reset_peak_memory(model.device.type)
+        "".join(session.ask(question, image, gen))
+        st = session.last_stats
+        out.append({"ttft_s": st.time_to_first_token, "decode_tps": st.decode_tokens_per_second,
+                    "peak_mb": peak_memory_mb(model.device.type), "prompt_tokens": st.prompt_tokens,
+                    "prefilled_tokens": st.prefill_tokens, "tokens": st.answer_ids})
+    return out
+
+
+def run_reference(job: dict) -> list[dict]:
+    import torch
+    from transformers import AutoTokenizer, LlavaForConditionalGeneration
+
+    from mmchat.conversation import Message, render
+    from mmchat.image import preprocess
+    from mmchat.model import LoadOptions, quantization_config
+    from mmchat.config import ModelConfig
+    from mmchat.templates import get_template
+
+    options = LoadOptions(job["precision"], job["device"])
+    quant = quantization_config(options)
+    if quant is not None:
+        # transformers would quantize the CLIP tower and projector too; LLaVA's loader (and mmchat)
+        # keeps the tower unquantized, so both engines compute the same function.
+        quant.llm_int8_skip_modules = ["vision_tower", "multi_modal_projector", "lm_head"]
+    model = LlavaForConditionalGeneration.from_pretrained(
+        job["folder"], quantization_config=quant, dtype=options.compute_dtype,
+        device_map={"": options.device}).eval()
+    tokenizer = AutoTokenizer.from_pretrained(job["folder"])
+    vision_cfg = ModelConfig.load(Path(job["checkpoint"])).vision  # LLaVA-1.5's pad-to-square preprocessing
+    template, slots = get_template("llava_v1"), model.config.image_seq_length
+    image_id = model.config.image_token_index
+
+    def generate(messages, images, max_new):
+        r = render(messages, template, tokenizer, slots, add_generation_prompt=True, image_token_id=image_id)
+        ids = torch.tensor([r.input_ids], device=options.device)
+        pixels = torch.stack([preprocess(im, vision_cfg) for im in images]).to(options.device, options.compute_dtype)
+        timer = _FirstTokenTimer()
+        start = time.perf_counter()
+        with torch.inference_mode():
+            seq = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixels,
+                                 max_new_tokens=max_new, do_sample=False, streamer=timer,
+                                 eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+        new = [t for t in seq[0, ids.shape[1]:].tolist() if t != tokenizer.eos_token_id]
+        return new, len(r.input_ids), start, timer
+
+    turns = _turns(job["questions"], job["image"])
+    generate([Message("user", "warm up", 1)], [turns[0][1]], 2)
+    messages, images, out = [], [], []
+    for question, image in turns:
+        if image is not None:
+            images.append(image)
+        messages.append(Message("user", question, 1 if image is not None else 0))
+        reset_peak_memory(options.device)
+        new, prompt_len, start, timer = generate(messages, images, job["new_tokens"])
+        ttft = (timer.first or timer.end_time) - start
+        decode = timer.end_time - (timer.first or timer.end_time)
+        out.append({"ttft_s": ttft, "decode_tps": (len(new) - 1) / decode if len(new) > 1 and decode > 0 else 0.0,
+                    "peak_mb": peak_memory_mb(options.device), "prompt_tokens": prompt_len,
+                    "prefilled_tokens": prompt_len, "tokens": new})
+        messages.append(Message("assistant", tokenizer.decode(new, skip_special_tokens=True).strip()))
+    return out
+
+
+# ------------------------------------------------------------------ orchestration
+
+
+def _worker(job_file: Path) -> None:
+    job = json.loads(job_file.read_text())
+    result = (run_mmchat if job["engine"] == "mmchat" else run_reference)(job)
+    job_file.with_suffix(".out.json").write_text(json.dumps(result))
+
+
+def _run_job(job: dict, workdir: Path) -> list[dict]:
+    path = workdir / f"{job['engine']}-{job['precision']}.json"
+    path.write_text(json.dumps(job))
+    env = dict(os.environ, PYTHONUNBUFFERED="1", TRANSFORMERS_VERBOSITY="error")
+    done = subprocess.run([sys.executable, "-m", "benchmarks.chat", "--worker", str(path)], env=env,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"{job['engine']} {job['precision']} failed:\n{done.stderr[-3000:]}")
+    return json.loads(path.with_suffix(".out.json").read_text())
+
+
+def _draw_image(path: Path) -> None:
+    from PIL import Image, ImageDraw
+
+    image = Image.new("RGB", (480, 360), "white")
+    draw = ImageDraw.Draw(image)
+    draw.ellipse((40, 60, 200, 220), fill=(220, 30, 30))
+    draw.rectangle((260, 120, 420, 280), fill=(30, 60, 220))
+    image.save(path)
+
+
+def run(cfg: ChatBenchConfig) -> dict:
+    from benchmarks.random_llava import build_llava_hf
+    from mmchat.convert import to_mmchat
+
+    work = Path(tempfile.mkdtemp(prefix="mmchat-bench-chat-"))
+    started = time.perf_counter()
+    print(f"building random weights: {cfg.shape.describe()}", file=sys.stderr)
+    lexicon = build_llava_hf(work / "llava-hf", cfg.shape, cfg.seed)
+    to_mmchat(str(work / "llava-hf"), work / "mmchat")
+    _draw_image(work / "image.png")
+    rng = random.Random(cfg.seed)
+    questions = [" ".join(rng.choice(lexicon) for _ in range(rng.randint(8, 14))) + "?" for _ in range(cfg.turns)]
+    results = {}
+    for precision in cfg.precisions:
+        for engine in ENGINES:
+            print(f"running {engine} {precision}", file=sys.stderr)
+            job = {"engine": engine, "precision": precision, "device": cfg.device, "folder": str(work / "llava-hf"),
+                   "checkpoint": str(work / "mmchat"), "image": str(work / "image.png"), "questions": questions,
+                   "new_tokens": cfg.new_tokens}
+            results[f"{engine}/{precision}"] = _run_job(job, work)
+    return {"config": {**asdict(cfg), "out": str(cfg.out)}, "shape": cfg.shape.describe(), "machine": machine(),
+            "seconds": time.perf_counter() - started, "turns": results}
+
+
+def report(data: dict, out: Path) -> int:
+    rows, mismatches = [], []
+    for precision in data["config"]["precisions"]:
+        ref, mm = data["turns"][f"reference/{precision}"], data["turns"][f"mmchat/{precision}"]
+        for i, (r, m) in enumerate(zip(ref, mm), start=1):
+            if r["tokens"] != m["tokens"]:
+                mismatches.append(f"{precision} turn {i}")
+            rows.append([precision, i, r["prompt_tokens"], m["prefilled_tokens"], r["ttft_s"], m["ttft_s"],
+                         r["ttft_s"] / m["ttft_s"], r["decode_tps"], m["decode_tps"], r["peak_mb"], m["peak_mb"]])
+    print(f"machine: {data['machine']}\nmodel: {data['shape']}\n")
+    print(table(["precision", "turn", "prompt tok", "mmchat prefill", "ref TTFT s", "mmchat TTFT s", "TTFT ×",
+                 "ref tok/s", "mmchat tok/s", "ref peak MB", "mmchat peak MB"], rows))
+    summary = {}
+    for precision in data["config"]["precisions"]:
+        ref, mm = data["turns"][f"reference/{precision}"], data["turns"][f"mmchat/{precision}"]
+        late = range(1, len(mm))
+        summary[precision] = {
+            "turn_last_ttft_ratio": ref[-1]["ttft_s"] / mm[-1]["ttft_s"],
+            "mmchat_ttft_turn2_to_last": [mm[1]["ttft_s"], mm[-1]["ttft_s"]],
+            "decode_tps_ratio": sum(m["decode_tps"] for m in mm) / max(1e-9, sum(r["decode_tps"] for r in ref)),
+            "peak_memory_ratio": max(m["peak_mb"] for m in mm) / max(r["peak_mb"] for r in ref),
+            "mean_prefilled_after_turn1": sum(mm[i]["prefilled_tokens"] for i in late) / len(late),
+        }
+    data["summary"], data["token_mismatches"] = summary, mismatches
+    write_json(out / "chat.json", data)
+    _plot(data, out / "chat.png")
+    print()
+    for precision, s in summary.items():
+        print(f"{precision}: decode tok/s mmchat/reference {s['decode_tps_ratio']:.2f}×, peak memory mmchat/reference "
+              f"{s['peak_memory_ratio']:.2f}×, mmchat TTFT turn 2 → {len(data['turns']['mmchat/' + precision])}: "
+              f"{s['mmchat_ttft_turn2_to_last'][0]:.3f} s → {s['mmchat_ttft_turn2_to_last'][1]:.3f} s")
+    print(f"results: {out / 'chat.json'}, chart: {out / 'chat.png'}")
+    if mismatches:
+        print(f"FAIL: the engines' greedy tokens differ at {', '.join(mismatches)}")
+        return 1
+    last = len(data["turns"][f"mmchat/{data['config']['precisions'][0]}"])
+    heads = ", ".join(f"{p} {s['turn_last_ttft_ratio']:.1f}×" for p, s in summary.items())
+    print(f"headline: turn-{last} time to first token, reference ÷ mmchat: {heads}")
+    return 0
+
+
+def _plot(data: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    for key, turns in data["turns"].items():
+        engine, precision = key.split("/")
+        style = "-o" if engine == "mmchat" else "--s"
+        ax1.plot(range(1, len(turns) + 1), [t["ttft_s"] for t in turns], style, label=f"{engine} {precision}")
+        ax2.bar(key.replace("/", "\n"), sum(t["decode_tps"] for t in turns) / len(turns))
+    ax1.set(xlabel="turn", ylabel="time to first token (s)", title="Time to first token per turn", yscale="log")
+    ax1.legend()
+    ax2.set(ylabel="decode tokens/s (mean over turns)", title="Decode speed")
+    fig.suptitle(f"{data['shape']}\n{data['machine']}", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.chat", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="6-layer LLM, 12 tokens a turn (≤ 2 min on 2 CPU cores)")
+    p.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    p.add_argument("--turns", type=int, default=10)
+    p.add_argument("--new-tokens", type=int, default=24)
+    p.add_argument("--precision", action="append", choices=["4bit", "8bit", "16bit", "32bit"],
+                   help="repeat for several (default: 4bit and 32bit)")
+    p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    if a.worker:
+        _worker(a.worker)
+        return 0
+    cfg = ChatBenchConfig(quick=a.quick, out=a.out, turns=a.turns, new_tokens=a.new_tokens,
+                          precisions=a.precision or ["4bit", "32bit"], device=a.device)
+    return report(run(cfg), cfg.out)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -30,7 +30,7 @@ class LoadOptions:
     @property
     def compute_dtype(self) -> torch.dtype:
         # bf16 matmuls are ~300x slower than fp32 on typical CPUs; GPUs want bf16.
-        if self.device == "cpu":
+        if torch.device(self.device).type == "cpu":  # also "cpu:0", as accelerate names it
             return torch.bfloat16 if self.load_in == "16bit" else torch.float32
         return torch.float32 if self.load_in == "32bit" else torch.bfloat16
 

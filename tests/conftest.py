@@ -60,3 +60,31 @@ def app_server(tiny_checkpoint, tmp_path_factory):
                        tmp_path_factory.mktemp("app"))
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def tiny_train_checkpoint(tmp_path_factory, tiny_tokenizer_dir):
+    """A tiny checkpoint that LoRA can teach (wide lm_head; see `build_trainable_checkpoint`)."""
+    from tiny_models import build_trainable_checkpoint
+
+    return build_trainable_checkpoint(tmp_path_factory.mktemp("train-ckpt") / "tiny", tiny_tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def colour_data(tmp_path_factory):
+    """32 records: a solid-colour image + "What colour is it?" -> the colour's name."""
+    from tiny_models import build_colour_data
+
+    return build_colour_data(tmp_path_factory.mktemp("colours"), records=32)
+
+
+@pytest.fixture(scope="session")
+def qlora_run(tmp_path_factory, tiny_train_checkpoint, colour_data):
+    """Stage 2 (4-bit QLoRA) trained for 40 steps with finetune/configs/tiny-instruct.yaml."""
+    from finetune.train import train
+    from tiny_models import one_torch_thread, tiny_train_config
+
+    out = tmp_path_factory.mktemp("qlora") / "run"
+    with one_torch_thread():
+        return train(tiny_train_config("instruct", model=str(tiny_train_checkpoint), data=str(colour_data),
+                                       image_root=str(colour_data.parent), output_dir=str(out), max_steps=40))

@@ -1,6 +1,7 @@
 """Tiny random models and a locally trained tokenizer, built by the tests (no network)."""
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -220,3 +221,23 @@ def build_trainable_checkpoint(out: Path, tokenizer_dir: Path, seed: int = 0, he
         llm.lm_head.weight.copy_(torch.randn(llm.lm_head.weight.shape, generator=generator) * head_std)
     llm.save_pretrained(out / "llm")
     return out
+
+
+def tiny_train_config(name: str, **overrides):
+    """`finetune/configs/tiny-{name}.yaml` with `overrides`, as a TrainConfig."""
+    from finetune.train_config import TrainConfig, load_yaml
+
+    path = Path(__file__).resolve().parents[1] / "finetune" / "configs" / f"tiny-{name}.yaml"
+    return TrainConfig(**{**load_yaml(path), "progress": False, **overrides})
+
+
+@contextmanager
+def one_torch_thread():
+    """Run tiny models on one thread: they gain nothing from more, and on a busy shared machine
+    OpenMP's waiting threads make a tiny training run several times slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

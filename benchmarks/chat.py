@@ -110,7 +110,7 @@ def run_reference(job: dict) -> list[dict]:
     if quant is not None:
         # transformers would quantize the CLIP tower and projector too; LLaVA's loader (and mmchat)
         # keeps the tower unquantized, so both engines compute the same function.
-        quant.llm_int8_skip_modules = ["vision_tower", "multi_modal_projector", "lm_head"]
+        quant.llm_int8_skip_modules = ["model.vision_tower", "model.multi_modal_projector", "lm_head"]
     model = LlavaForConditionalGeneration.from_pretrained(
         job["folder"], quantization_config=quant, dtype=options.compute_dtype,
         device_map={"": options.device}).eval()

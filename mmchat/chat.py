@@ -223,14 +223,15 @@ class ChatSession:
         budget = min(gen.max_new_tokens, self.model.max_context - len(view.rendered))
         self.last_stats = TurnStats(prompt_tokens=len(view.rendered), dropped_turns=view.dropped)
         started = time.perf_counter()
-        context = torch.tensor([t for t, im in zip(view.rendered.input_ids, view.rendered.image_mask) if not im],
-                               dtype=torch.long, device=self.model.device)
+        penalise = gen.repetition_penalty != 1.0
+        context = [t for t, im in zip(view.rendered.input_ids, view.rendered.image_mask) if not im] if penalise else []
         generated: list[int] = []
         text, shown, failed = "", 0, False
         try:
             logits = self._prefill(view)
             while len(generated) < budget:
-                token = next_token(logits, torch.cat([context, torch.tensor(generated, dtype=torch.long, device=context.device)]), gen, generator)
+                seen = torch.tensor(context + generated, dtype=torch.long, device=logits.device) if penalise else None
+                token = next_token(logits, seen, gen, generator)
                 if not generated:
                     self.last_stats.time_to_first_token = time.perf_counter() - started
                 if token == tokenizer.eos_token_id:

@@ -32,13 +32,14 @@ class GenerationConfig:
 
 
 def next_token(
-    logits: torch.Tensor, context_ids: torch.Tensor, cfg: GenerationConfig, generator: torch.Generator | None
+    logits: torch.Tensor, context_ids: torch.Tensor | None, cfg: GenerationConfig, generator: torch.Generator | None
 ) -> int:
-    """logits [V] of the last position -> the chosen token id."""
+    """logits [V] of the last position -> the chosen token id; `context_ids` [N] are penalised."""
     logits = logits.float()
-    if cfg.repetition_penalty != 1.0 and context_ids.numel():
+    if cfg.repetition_penalty != 1.0 and context_ids is not None and context_ids.numel():
         seen = logits[context_ids]
-        logits[context_ids] = torch.where(seen > 0, seen / cfg.repetition_penalty, seen * cfg.repetition_penalty)
+        # Out of place: the logits come from inference mode and cannot be written to.
+        logits = logits.scatter(0, context_ids, torch.where(seen > 0, seen / cfg.repetition_penalty, seen * cfg.repetition_penalty))
     if cfg.greedy:
         return int(torch.argmax(logits))
     probs = torch.softmax(logits / cfg.temperature, dim=-1)

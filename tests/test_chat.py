@@ -161,3 +161,10 @@ def test_bloom_works_through_the_same_code(tmp_path, tiny_tokenizer_dir, red):
     answers = ["".join(s.ask("What colour?", red, GREEDY)), "".join(s.ask("And now?", None, GREEDY))]
     assert s.last_stats.prefill_tokens < s.last_stats.prompt_tokens / 2
     assert naive_greedy(m, s.messages[:3], [red], GREEDY.max_new_tokens) == answers[1]
+
+
+def test_repetition_penalty_changes_greedy_choices(model, red):
+    plain = "".join(ChatSession(model).ask("Describe it.", red, GenerationConfig(max_new_tokens=24, temperature=0.0)))
+    penalised = "".join(ChatSession(model).ask("Describe it.", red, GenerationConfig(
+        max_new_tokens=24, temperature=0.0, repetition_penalty=5.0)))
+    assert plain != penalised

@@ -31,6 +31,12 @@ def peak_memory_mb(device: str) -> float:
     return int(match.group(1)) / 1024 if match else float("nan")
 
 
+def rss_mb() -> float:
+    """The process's resident memory now (VmRSS), for the baseline a CPU peak is read against."""
+    match = re.search(r"VmRSS:\s+(\d+) kB", Path("/proc/self/status").read_text())
+    return int(match.group(1)) / 1024 if match else float("nan")
+
+
 def machine() -> str:
     """One line naming the machine the numbers came from."""
     if torch.cuda.is_available():

@@ -81,3 +81,32 @@ def build_llava_hf(out: Path, shape: LlavaShape, seed: int = 0) -> list[str]:
     torch.manual_seed(seed)
     LlavaForConditionalGeneration(config).save_pretrained(out)
     return lexicon
+
+
+def build_mmchat(out: Path, shape: LlavaShape, tokenizer_dir: Path, seed: int = 0) -> Path:
+    """Save a random mmchat checkpoint (open_clip tower + mlp2x_gelu projector + LLaMA) to `out`.
+
+    The LLM's vocabulary is `shape.vocab`, which may exceed the tokenizer's (for memory runs
+    that feed random ids); `tokenizer_dir` is a tokenizer saved by `train_tokenizer`.
+    """
+    import open_clip
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from mmchat.checkpoint import save_checkpoint
+    from mmchat.config import ModelConfig, ProjectorConfig, VisionConfig
+    from mmchat.projector import build_projector
+
+    torch.manual_seed(seed)
+    clip_cfg = {"embed_dim": shape.vision_width, "quick_gelu": True,
+                "vision_cfg": {"image_size": shape.image_size, "layers": shape.vision_layers, "width": shape.vision_width,
+                               "patch_size": shape.patch, "head_width": 64, "mlp_ratio": 4.0},
+                "text_cfg": {"context_length": 8, "vocab_size": 64, "width": 64, "heads": 1, "layers": 1}}
+    visual = open_clip.CLIP(**clip_cfg).visual
+    llm = LlamaForCausalLM(LlamaConfig(
+        vocab_size=shape.vocab, hidden_size=shape.hidden, intermediate_size=shape.intermediate,
+        num_hidden_layers=shape.layers, num_attention_heads=shape.heads, num_key_value_heads=shape.kv_heads,
+        max_position_embeddings=8192, bos_token_id=1, eos_token_id=2, pad_token_id=3, tie_word_embeddings=False))
+    config = ModelConfig(vision=VisionConfig(open_clip_model="random-vit", pretrained=None, image_size=shape.image_size),
+                         projector=ProjectorConfig("mlp2x_gelu", shape.vision_width, shape.hidden))
+    return save_checkpoint(out, config, build_projector(config.projector), AutoTokenizer.from_pretrained(tokenizer_dir),
+                           llm=llm, vision=visual, vision_model_cfg=clip_cfg)

@@ -1,0 +1,145 @@
+"""The benchmarks' own logic, fast: the memory model's accounting and fit, the LLaVA-like data,
+and `benchmarks.train`'s two engines on a tiny model (in process, not timed)."""
+import shutil
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from benchmarks.memory_model import (
+    CLIP_L_336, CPU, LLAMA, NF4_BYTES, Coefficients, LlmShape, Measurement, Workload, breakdown, cuda_precision, fit,
+    max_batch, peak_bytes, predicted_step, static_parts,
+)
+from tiny_models import WORDS, one_torch_thread
+
+GPU = cuda_precision(0.7)
+COEF = Coefficients(act_recompute=30.0, act_layer=35.0, logit_bytes=12.0, grad_factor=1.4, workspace=2e6)
+
+
+def test_nf4_bytes_are_half_a_byte_plus_double_quant_constants():
+    assert NF4_BYTES == pytest.approx(0.5 + 0.127 / 8)
+    llm = LLAMA["7b"]
+    assert llm.linear_params() == 32 * (4 * 4096**2 + 3 * 4096 * 11008)
+    assert static_parts(llm, CLIP_L_336, Workload(2048), GPU)["NF4 weights"] == pytest.approx(llm.linear_params() * 0.51587,
+                                                                                               rel=1e-4)
+
+
+def test_parameter_counts_match_a_real_llama_with_lora():
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=160, num_hidden_layers=3,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+    model = LlamaForCausalLM(config)
+    shape = LlmShape("tiny", 3, 64, 160, 300, kv_hidden=32)
+    linear = sum(m.weight.numel() for n, m in model.named_modules() if n.endswith("_proj"))
+    assert shape.linear_params() == linear
+    assert shape.linear_params() + shape.other_params() == sum(p.numel() for p in model.parameters())
+    lora = get_peft_model(model, LoraConfig(r=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                                 "up_proj", "down_proj"]))
+    assert shape.lora_params(8) == sum(p.numel() for p in lora.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("size", ["7b", "13b"])
+def test_predictions_grow_with_the_model_and_the_workload(size):
+    llm, work = LLAMA[size], Workload(1024, 2)
+    peak = peak_bytes(llm, CLIP_L_336, work, GPU, COEF)
+    assert peak_bytes(replace(llm, layers=llm.layers + 8), CLIP_L_336, work, GPU, COEF) > peak
+    assert peak_bytes(llm, CLIP_L_336, replace(work, seq_len=2048), GPU, COEF) >= peak
+    assert peak_bytes(llm, CLIP_L_336, replace(work, batch=8), GPU, COEF) > peak
+    assert peak_bytes(llm, CLIP_L_336, replace(work, lora_r=256), GPU, COEF) > peak
+    assert peak_bytes(llm, CLIP_L_336, replace(work, vision_bytes=2), GPU, COEF) < peak
+    # gradient checkpointing keeps each layer's input and one layer's activations, not every layer's
+    long = replace(work, batch=8)
+    with_ckpt = breakdown(llm, CLIP_L_336, long, GPU, COEF)
+    without = breakdown(llm, CLIP_L_336, replace(long, gradient_checkpointing=False), GPU, COEF)
+    assert without["activations"] > 10 * with_ckpt["activations"] > 0
+    assert sum(without.values()) > sum(with_ckpt.values())
+    # the parts are the loaded model + one moment of the step + the CUDA context
+    assert with_ckpt["CUDA context"] == GPU.constant
+    assert (with_ckpt["gradients"] == 0) != (with_ckpt["activations"] + with_ckpt["logits"] == 0)
+
+
+def test_bigger_cards_fit_bigger_batches():
+    llm, work = LLAMA["7b"], Workload(2048)
+    fits = [max_batch(llm, CLIP_L_336, work, GPU, COEF, gb * 2**30) for gb in (8, 12, 16, 24, 48)]
+    assert fits == sorted(fits) and fits[0] == 0 and fits[-1] > 1
+    assert max_batch(llm, CLIP_L_336, replace(work, gradient_checkpointing=False), GPU, COEF, 24 * 2**30) < fits[3]
+
+
+def test_fit_recovers_the_coefficients_that_made_the_measurements():
+    shapes = [(LlmShape("a", 2, 256, 688, 32000), 0.7e6), (LlmShape("b", 4, 512, 1376, 32000), 11e6)]
+    points = [(1, 256, True, 0.5), (1, 512, True, 0.05), (1, 1024, True, 0.02), (1, 96, True, 0.01),
+              (1, 256, False, 0.5), (1, 512, False, 0.1)]
+    truth = Coefficients(act_recompute=38.0, act_layer=33.0, logit_bytes=12.5, grad_factor=1.5, workspace=3e6)
+    ms = []
+    for llm, trainable in shapes:
+        for batch, seq, ckpt, answers in points:
+            m = Measurement(llm, Workload(seq, batch, ckpt, answer_fraction=answers), int(trainable), 0.0)
+            ms.append(replace(m, step_bytes=predicted_step(m, CPU, truth)))
+    got = fit(ms, CPU)
+    for name in ("act_recompute", "act_layer", "logit_bytes", "grad_factor", "workspace"):
+        assert getattr(got, name) == pytest.approx(getattr(truth, name), rel=1e-3), name
+
+
+def test_llava_mix_records_are_valid_and_spread_like_the_mix():
+    import random
+
+    from benchmarks.llava_mix import MIX, make_records
+    from finetune.data_check import conversation_problems
+
+    lexicon = WORDS.split()
+    records = make_records(600, lexicon, ["a.png"], tokens_per_word=1.5, seed=3)
+    assert records == make_records(600, lexicon, ["a.png"], tokens_per_word=1.5, seed=3)
+    assert not [p for r in records if (p := conversation_problems(r))]
+    text_only = sum("image" not in r for r in records) / len(records)
+    assert text_only == pytest.approx(next(c.share for c in MIX if not c.image), abs=0.03)
+    turns = np.array([len(r["conversations"]) // 2 for r in records])
+    assert turns.min() == 1 and turns.max() >= 8 and np.median(turns) <= 4  # many short VQA, some long
+    assert random.Random(0).random() == random.Random(0).random()  # make_records leaves the global RNG alone
+
+
+def test_tensor_count_of_a_loaded_stage2_model_matches_the_memory_model(tiny_checkpoint):
+
+    from benchmarks.memory import measure_shape
+    from transformers import AutoConfig
+
+    with one_torch_thread():
+        out = measure_shape({"checkpoint": str(tiny_checkpoint), "lora_r": 8, "points": [(1, 40, True, 0.5)],
+                             "device": "cpu", "threads": 1})
+    c = AutoConfig.from_pretrained(tiny_checkpoint / "llm")
+    llm = LlmShape("tiny", c.num_hidden_layers, c.hidden_size, c.intermediate_size, c.vocab_size,
+                   c.num_key_value_heads * c.hidden_size // c.num_attention_heads)
+    t = out["tensors"]
+    assert t["nf4_params"] == llm.linear_params() and t["nf4_bytes"] / t["nf4_params"] >= NF4_BYTES
+    vision = replace(CLIP_L_336, params=out["vision_params"], width=32)
+    parts = static_parts(llm, vision, Workload(1, lora_r=8), CPU)
+    assert out["trainable"] * 4 == parts["LoRA + projector"]
+    expected = parts["embeddings, lm_head, norms"] + parts["vision tower"] + parts["LoRA + projector"]
+    assert t["other_bytes"] == pytest.approx(expected, rel=1e-3)  # + rotary inv_freq buffers
+    assert t["optimizer_bytes"] == parts["optimizer states"]
+    assert out["points"][0]["step_bytes"] > 0
+
+
+def test_train_benchmark_engines_see_the_same_tokens(tiny_llava_hf_dir, tmp_path, capsys):
+    from benchmarks.random_llava import LlavaShape
+    from benchmarks.train import TrainBenchConfig, measure, report, run_engine
+    from mmchat.convert import to_mmchat
+
+    shutil.copytree(tiny_llava_hf_dir, tmp_path / "llava-hf")
+    to_mmchat(str(tmp_path / "llava-hf"), tmp_path / "mmchat")
+    cfg = TrainBenchConfig(records=6, batch_size=2, lora_r=4, lora_alpha=8, text_scale=0.08, max_length=120,
+                           sampler_records=60, shape=LlavaShape(image_size=32, patch=8), out=tmp_path / "out")
+    with one_torch_thread():
+        data = measure(cfg, tmp_path, WORDS.split(), runner=lambda job, work: run_engine(job))
+    engines = data["engines"]
+    assert set(engines) == {"plain", "mmchat", "mmchat-no-grouping"}
+    assert len({r["tokens"] for r in engines.values()}) == 1
+    assert len({r["trainable"] for r in engines.values()}) == 1  # same LoRA targets and projector
+    assert all(r["steps"] == 3 for r in engines.values())
+    assert engines["mmchat"]["positions"] <= engines["plain"]["positions"]  # sorted batches pad least
+    capsys.readouterr()
+    assert report(data, cfg.out) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[-1].startswith("headline: training tokens/s, mmchat ÷ plain transformers + peft: ")
+    assert (cfg.out / "train.json").is_file() and (cfg.out / "train.png").is_file()

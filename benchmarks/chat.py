@@ -38,6 +38,8 @@ class ChatBenchConfig:
     new_tokens: int = 24
     """Tokens generated per turn (both engines stop at EOS earlier if the model says so)."""
     precisions: list[str] = field(default_factory=lambda: ["4bit", "32bit"])
+    threads: int = 1
+    """torch threads per engine process; one keeps a shared 2-core machine from thrashing."""
     device: str | None = None
     seed: int = 0
     shape: LlavaShape = field(default_factory=LlavaShape)
@@ -154,7 +156,10 @@ def run_reference(job: dict) -> list[dict]:
 
 
 def _worker(job_file: Path) -> None:
+    import torch
+
     job = json.loads(job_file.read_text())
+    torch.set_num_threads(job["threads"])
     result = (run_mmchat if job["engine"] == "mmchat" else run_reference)(job)
     job_file.with_suffix(".out.json").write_text(json.dumps(result))
 
@@ -162,7 +167,7 @@ def _worker(job_file: Path) -> None:
 def _run_job(job: dict, workdir: Path) -> list[dict]:
     path = workdir / f"{job['engine']}-{job['precision']}.json"
     path.write_text(json.dumps(job))
-    env = dict(os.environ, PYTHONUNBUFFERED="1", TRANSFORMERS_VERBOSITY="error")
+    env = dict(os.environ, PYTHONUNBUFFERED="1", TRANSFORMERS_VERBOSITY="error", OMP_NUM_THREADS=str(job["threads"]))
     done = subprocess.run([sys.executable, "-m", "benchmarks.chat", "--worker", str(path)], env=env,
                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     if done.returncode != 0:
@@ -198,7 +203,7 @@ def run(cfg: ChatBenchConfig) -> dict:
             print(f"running {engine} {precision}", file=sys.stderr)
             job = {"engine": engine, "precision": precision, "device": cfg.device, "folder": str(work / "llava-hf"),
                    "checkpoint": str(work / "mmchat"), "image": str(work / "image.png"), "questions": questions,
-                   "new_tokens": cfg.new_tokens}
+                   "new_tokens": cfg.new_tokens, "threads": cfg.threads}
             results[f"{engine}/{precision}"] = _run_job(job, work)
     return {"config": {**asdict(cfg), "out": str(cfg.out)}, "shape": cfg.shape.describe(), "machine": machine(),
             "seconds": time.perf_counter() - started, "turns": results}
@@ -275,13 +280,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--precision", action="append", choices=["4bit", "8bit", "16bit", "32bit"],
                    help="repeat for several (default: 4bit and 32bit)")
     p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per engine process (default: %(default)s)")
     p.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.worker:
         _worker(a.worker)
         return 0
     cfg = ChatBenchConfig(quick=a.quick, out=a.out, turns=a.turns, new_tokens=a.new_tokens,
-                          precisions=a.precision or ["4bit", "32bit"], device=a.device)
+                          precisions=a.precision or ["4bit", "32bit"], device=a.device, threads=a.threads)
     return report(run(cfg), cfg.out)
 
 

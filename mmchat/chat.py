@@ -200,7 +200,8 @@ class ChatSession:
         image_mask = torch.tensor([mask[keep:]], device=self.model.device)
         feats = None if suffix_rows is None or not len(suffix_rows) else suffix_rows.unsqueeze(0)
         embeds = self.model.embed(ids, image_mask, feats)
-        out = self.model.llm(inputs_embeds=embeds, cache=self._cache, use_cache=True)
+        # Only the last position's logits are needed: skips a [L, vocab] projection (as `generate` does).
+        out = self.model.llm(inputs_embeds=embeds, cache=self._cache, use_cache=True, logits_to_keep=1)
         self._cache = out.cache
         self._cached_keys = keys
         self.last_stats.prefill_tokens = len(keys) - keep

@@ -13,16 +13,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
-import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from benchmarks.common import machine, peak_memory_mb, reset_peak_memory, table, write_json
+from benchmarks.common import machine, peak_memory_mb, reset_peak_memory, run_worker, table, write_json
 from benchmarks.random_llava import LlavaShape
 
 ENGINES = ("reference", "mmchat")
@@ -166,13 +164,7 @@ def _worker(job_file: Path) -> None:
 
 def _run_job(job: dict, workdir: Path) -> list[dict]:
     path = workdir / f"{job['engine']}-{job['precision']}.json"
-    path.write_text(json.dumps(job))
-    env = dict(os.environ, PYTHONUNBUFFERED="1", TRANSFORMERS_VERBOSITY="error", OMP_NUM_THREADS=str(job["threads"]))
-    done = subprocess.run([sys.executable, "-m", "benchmarks.chat", "--worker", str(path)], env=env,
-                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    if done.returncode != 0:
-        raise SystemExit(f"{job['engine']} {job['precision']} failed:\n{done.stderr[-3000:]}")
-    return json.loads(path.with_suffix(".out.json").read_text())
+    return run_worker("benchmarks.chat", job, path, f"{job['engine']} {job['precision']}")
 
 
 def _draw_image(path: Path) -> None:

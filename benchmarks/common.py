@@ -62,3 +62,21 @@ def table(header: list[str], rows: list[list]) -> str:
 def write_json(path: Path, data: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=2) + "\n")
+
+
+def run_worker(module: str, job: dict, path: Path, label: str, **extra_env: str):
+    """Run `python -m MODULE --worker PATH` in a fresh process, so its peak memory is its own.
+
+    The worker reads the job from `path` and writes its result next to it (`*.out.json`).
+    """
+    import subprocess
+    import sys
+
+    path.write_text(json.dumps(job))
+    env = dict(os.environ, PYTHONUNBUFFERED="1", TRANSFORMERS_VERBOSITY="error", HF_HUB_OFFLINE="1",
+               OMP_NUM_THREADS=str(job["threads"]), **extra_env)
+    done = subprocess.run([sys.executable, "-m", module, "--worker", str(path)], env=env,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"{label} failed:\n{done.stderr[-3000:]}")
+    return json.loads(path.with_suffix(".out.json").read_text())

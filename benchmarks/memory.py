@@ -18,15 +18,13 @@ import argparse
 import ctypes
 import gc
 import json
-import os
-import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from benchmarks.common import machine, peak_memory_mb, reset_peak_memory, rss_mb
+from benchmarks.common import machine, peak_memory_mb, reset_peak_memory, rss_mb, run_worker
 from benchmarks.memory_model import LLAMA
 from benchmarks.memory_report import report
 
@@ -233,15 +231,9 @@ def bf16_ratio(hidden: int = 256, layers: int = 2, seq: int = 128) -> float:
 
 
 def _run_job(job: dict, workdir: Path, name: str) -> dict:
-    path = workdir / f"{name}.json"
-    path.write_text(json.dumps(job))
-    env = dict(os.environ, PYTHONUNBUFFERED="1", TRANSFORMERS_VERBOSITY="error", OMP_NUM_THREADS=str(job["threads"]),
-               HF_HUB_OFFLINE="1", MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="65536")
-    done = subprocess.run([sys.executable, "-m", "benchmarks.memory", "--worker", str(path)], env=env,
-                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    if done.returncode != 0:
-        raise SystemExit(f"{name} failed:\n{done.stderr[-3000:]}")
-    return json.loads(path.with_suffix(".out.json").read_text())
+    # Small mmap/trim thresholds return freed memory to the OS, so RSS follows what is in use.
+    return run_worker("benchmarks.memory", job, workdir / f"{name}.json", name,
+                      MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="65536")
 
 
 def _worker(job_file: Path) -> None:

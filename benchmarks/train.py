@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -32,7 +30,7 @@ from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from pathlib import Path
 
-from benchmarks.common import machine, peak_memory_mb, reset_peak_memory, rss_mb, table, write_json
+from benchmarks.common import machine, peak_memory_mb, reset_peak_memory, rss_mb, run_worker, table, write_json
 from benchmarks.random_llava import LlavaShape
 
 ENGINES = ("plain", "mmchat", "mmchat-no-grouping")
@@ -181,15 +179,7 @@ def _worker(job_file: Path) -> None:
 
 
 def _run_job(job: dict, workdir: Path) -> dict:
-    path = workdir / f"{job['engine']}.json"
-    path.write_text(json.dumps(job))
-    env = dict(os.environ, PYTHONUNBUFFERED="1", TRANSFORMERS_VERBOSITY="error", OMP_NUM_THREADS=str(job["threads"]),
-               HF_HUB_OFFLINE="1")
-    done = subprocess.run([sys.executable, "-m", "benchmarks.train", "--worker", str(path)], env=env,
-                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    if done.returncode != 0:
-        raise SystemExit(f"{job['engine']} failed:\n{done.stderr[-3000:]}")
-    return json.loads(path.with_suffix(".out.json").read_text())
+    return run_worker("benchmarks.train", job, workdir / f"{job['engine']}.json", job["engine"])
 
 
 def _write_data(cfg: TrainBenchConfig, work: Path, lexicon: list[str]) -> tuple[Path, dict]:

@@ -39,6 +39,13 @@ def make_optimizer(groups: list[dict], cfg: TrainConfig, device: torch.device) -
     return optimizer(groups, **kwargs)
 
 
+def warmup_cosine(step: int, warmup: int, total: int) -> float:
+    """LR factor of the demo's pretraining loops: linear warmup over `warmup` steps, cosine to 0 at `total`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+
+
 def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int):
     """Linear warmup over --warmup-ratio of the steps, then cosine / linear decay to 0, or constant."""
     warmup = math.ceil(cfg.warmup_ratio * total_steps)

@@ -11,8 +11,9 @@ drawn in exactly the colours the demo model learned:
     yellow (240, 200, 40) purple (140, 70, 170)  orange (245, 140, 30)
 
 Sizes are the shape's full width (circle diameter, square side, triangle's circumscribed
-diameter) as a fraction of the image side. A shape's cell is the one holding its centre; shapes
-never overlap and never leave the image.
+diameter) as a fraction of the image side. A shape lies inside its cell (one wider than a cell,
+over 33%, is centred on it), so it never straddles two cells; shapes never overlap and never
+leave the image.
 """
 from __future__ import annotations
 
@@ -120,7 +121,7 @@ def twin(scene: Scene, rng: random.Random, world: WorldConfig = WorldConfig()) -
     square (and every other attribute) is needed to match captions, not only the easy cues.
     """
     shapes = list(scene.shapes)
-    changes = ["kind", "colour", "move"] * 2
+    changes = ["kind", "kind", "kind", "colour", "move"]  # kinds are the hardest to tell apart: most twins differ there
     if len(shapes) > world.min_shapes:
         changes.append("remove")
     if len(shapes) < world.max_shapes:
@@ -154,20 +155,22 @@ def _inside(shape: Shape) -> bool:
 
 
 def _place(rng: random.Random, world: WorldConfig, cell: int) -> Shape:
+    """A shape of `cell`: its box inside the cell when it fits, else centred on the cell; always
+    inside the image. A shape never straddles two cells, so "where" has one answer."""
     row, column = divmod(cell, 3)
     size = rng.uniform(world.min_size, world.max_size)
     kind = rng.choice(world.kinds)
-    # The centre stays in its cell (so the cell is well defined) and the shape in the image.
-    third = 1 / 3
-    probe = Shape(kind, "", row, column, (0.5, 0.5), size)
-    left, top, right, bottom = probe.box()
-    x_lo, x_hi = max(column * third, MARGIN + 0.5 - left), min((column + 1) * third, 1 - MARGIN - (right - 0.5))
-    y_lo, y_hi = max(row * third, MARGIN + 0.5 - top), min((row + 1) * third, 1 - MARGIN - (bottom - 0.5))
-    # Keep away from the cell's border a little, so a centre never sits on a line between cells.
-    inset = 0.02
-    x = rng.uniform(x_lo + inset, x_hi - inset)
-    y = rng.uniform(y_lo + inset, y_hi - inset)
+    left, top, right, bottom = Shape(kind, "", row, column, (0.0, 0.0), size).box()  # extents around the centre
+    x = _offset(rng, column / 3, (column + 1) / 3, -left, right)
+    y = _offset(rng, row / 3, (row + 1) / 3, -top, bottom)
     return Shape(kind, rng.choice(world.colours), row, column, (x, y), size)
+
+
+def _offset(rng: random.Random, start: float, end: float, before: float, after: float) -> float:
+    """A centre coordinate in [start, end] whose extent (`before`, `after`) stays inside it and the image."""
+    lo, hi = start + MARGIN + before, end - MARGIN - after
+    centre = rng.uniform(lo, hi) if lo < hi else (start + end) / 2
+    return min(max(centre, MARGIN + before), 1 - MARGIN - after)
 
 
 def _touch(a: Shape, b: Shape) -> bool:

@@ -34,7 +34,7 @@ class SyntheticSet:
     seed: int
     """Scene `i` of the set is `sample_scene(Random(f"{seed}:{i}"))`: a new seed is a new world."""
     records: int
-    image_size: int = 64
+    image_size: int = 72
     """Pixels per side of the PNGs (the demo CLIP's input size: no resampling at training time)."""
     kind: str = "conversations"
     """conversations (questions and answers) or captions (one description request per image)."""
@@ -83,7 +83,7 @@ def parse_args(argv: list[str] | None = None) -> SyntheticSet:
     p.add_argument("--out", required=True, type=Path, help="folder for data.json and images/")
     p.add_argument("--seed", type=int, default=1000, help="world seed; the demo model trained on seeds 1-3 (default: %(default)s)")
     p.add_argument("--records", type=int, default=600, help="images, one record each (default: %(default)s)")
-    p.add_argument("--image-size", type=int, default=64, help="PNG side in pixels (default: %(default)s)")
+    p.add_argument("--image-size", type=int, default=72, help="PNG side in pixels (default: %(default)s)")
     p.add_argument("--kind", choices=KINDS, default="conversations", help="(default: %(default)s)")
     p.add_argument("--max-shapes", type=int, default=3, help="shapes per image, 1 to this (default: %(default)s)")
     p.add_argument("--types", nargs="+", default=None, metavar="TYPE",

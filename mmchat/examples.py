@@ -26,14 +26,12 @@ COLOURS = {
     "purple": (140, 70, 170),
     "orange": (245, 140, 30),
     "white": (255, 255, 255),
-    "sky": (200, 228, 250),
-    "grass": (120, 190, 90),
 }
 
 
 @dataclass(frozen=True)
 class Shape:
-    kind: str  # circle | square | triangle | star
+    kind: str  # circle | square | triangle
     colour: str
     centre: tuple[float, float]
     """In units of the image side (0..1)."""
@@ -50,17 +48,17 @@ class Example:
 
 
 EXAMPLES = (
-    Example("red_circle", "What shape is in the image, and what colour is it?",
-            (Shape("circle", "red", (0.5, 0.5), 0.3),)),
-    Example("left_right", "Which shape is on the left, and which is on the right?",
-            (Shape("square", "blue", (0.27, 0.5), 0.17), Shape("triangle", "yellow", (0.73, 0.52), 0.2))),
-    Example("three_shapes", "How many shapes are there? Name their colours.",
-            (Shape("circle", "green", (0.25, 0.3), 0.14), Shape("square", "orange", (0.72, 0.3), 0.13),
-             Shape("star", "purple", (0.5, 0.72), 0.19))),
-    Example("house", "Describe this picture.",
-            (Shape("square", "orange", (0.5, 0.66), 0.2), Shape("triangle", "red", (0.5, 0.36), 0.26),
-             Shape("square", "blue", (0.5, 0.79), 0.07), Shape("circle", "yellow", (0.84, 0.15), 0.08)),
-            background="sky"),
+    # Scenes of the demo model's world (finetune/synthetic.py): white background, one shape per
+    # cell of a 3×3 grid, so the model that `python app.py` serves offline can answer each question.
+    Example("red_circle", "What colour is the circle?", (Shape("circle", "red", (0.5, 0.5), 0.14),)),
+    Example("left_right", "Where is the triangle?",
+            (Shape("square", "blue", (0.17, 0.5), 0.1), Shape("triangle", "yellow", (0.83, 0.53), 0.12))),
+    Example("three_shapes", "Describe the image.",
+            (Shape("circle", "green", (0.17, 0.17), 0.1), Shape("square", "orange", (0.83, 0.17), 0.09),
+             Shape("triangle", "purple", (0.5, 0.84), 0.13))),
+    Example("two_circles", "How many circles are there?",
+            (Shape("circle", "blue", (0.17, 0.83), 0.11), Shape("square", "red", (0.5, 0.5), 0.12),
+             Shape("circle", "yellow", (0.83, 0.17), 0.09))),
 )
 
 
@@ -70,10 +68,7 @@ def _points(shape: Shape, side: int) -> list[tuple[float, float]]:
         return [(cx - r, cy - r), (cx + r, cy - r), (cx + r, cy + r), (cx - r, cy + r)]
     if shape.kind == "triangle":
         return [(cx + r * math.cos(a), cy + r * math.sin(a)) for a in (-math.pi / 2, math.pi / 6, 5 * math.pi / 6)]
-    if shape.kind == "star":
-        return [(cx + (r if i % 2 == 0 else 0.45 * r) * math.cos(-math.pi / 2 + i * math.pi / 5),
-                 cy + (r if i % 2 == 0 else 0.45 * r) * math.sin(-math.pi / 2 + i * math.pi / 5)) for i in range(10)]
-    raise ValueError(f"unknown shape kind {shape.kind!r}; choose circle, square, triangle or star")
+    raise ValueError(f"unknown shape kind {shape.kind!r}; choose circle, square or triangle")
 
 
 def draw(example: Example, size: int = SIZE) -> Image.Image:
@@ -81,8 +76,6 @@ def draw(example: Example, size: int = SIZE) -> Image.Image:
     big = size * _SUPERSAMPLE
     image = Image.new("RGB", (big, big), COLOURS[example.background])
     pen = ImageDraw.Draw(image)
-    if example.background == "sky":
-        pen.rectangle((0, int(0.86 * big), big, big), fill=COLOURS["grass"])
     for shape in example.shapes:
         if shape.kind == "circle":
             cx, cy, r = shape.centre[0] * big, shape.centre[1] * big, shape.size * big

@@ -23,7 +23,7 @@ from gradio_client.exceptions import AppError  # noqa: E402
 from mmchat.examples import EXAMPLES, draw, example_path  # noqa: E402
 
 RED_CIRCLE = str(example_path(EXAMPLES[0]))
-HOUSE = str(example_path(EXAMPLES[3]))
+TWO_CIRCLES = str(example_path(EXAMPLES[3]))
 MEMORY_BOUND = 2 * 2**30
 """Server RSS (torch, Gradio, tiny model, 8 conversations) must stay below this (measured: ~1.25 GiB)."""
 MEMORY_GROWTH_BOUND = 256 * 2**20
@@ -97,7 +97,7 @@ def test_follow_up_turn_sees_the_history_and_reuses_the_cache(client):
 
 def test_new_image_mid_conversation_adds_a_slot(client):
     send(client, "What colour is the circle?", RED_CIRCLE)
-    final = send(client, "Describe this picture.", HOUSE)[-1]
+    final = send(client, "Describe this picture.", TWO_CIRCLES)[-1]
     assert [len(files_of(m)) for m in final] == [1, 0, 1, 0], "each image shows where it entered"
     assert [m["images"] for m in transcript(client)["messages"]] == [1, 0, 1, 0]
 
@@ -123,7 +123,7 @@ def test_undo_and_clear(client):
 
 
 def test_stop_keeps_the_partial_answer(client):
-    job = client.submit({"text": "Describe this picture.", "files": [handle_file(HOUSE)]}, 0.0, 0.7, 500,
+    job = client.submit({"text": "Describe this picture.", "files": [handle_file(TWO_CIRCLES)]}, 0.0, 0.7, 500,
                         api_name="/send")
     seen = 0
     for _ in job:
@@ -217,7 +217,7 @@ def test_eight_clients_at_once_with_bounded_memory(app_server):
 
     def conversation(i: int):
         c = clients[i]
-        first = send(c, f"Client {i}: what colour is it?", HOUSE if i % 2 else RED_CIRCLE, max_new_tokens=24)
+        first = send(c, f"Client {i}: what colour is it?", TWO_CIRCLES if i % 2 else RED_CIRCLE, max_new_tokens=24)
         second = send(c, f"Client {i}: and the shape?", max_new_tokens=24)
         return first[-1], second[-1]
 

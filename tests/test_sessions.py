@@ -12,7 +12,7 @@ from mmchat.image import ImageError
 from mmchat.sessions import Busy, SessionPool, prepare_image
 
 GREEDY = GenerationConfig(max_new_tokens=12, temperature=0.0)
-CIRCLE, HOUSE = str(example_path(EXAMPLES[0])), str(example_path(EXAMPLES[3]))
+CIRCLE, TWO_CIRCLES = str(example_path(EXAMPLES[0])), str(example_path(EXAMPLES[3]))
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +29,7 @@ def ask(pool: SessionPool, key: str, text: str, image: str | None = None) -> str
 
 def test_evicted_conversations_answer_as_if_never_evicted(model):
     """max_cached=1 drops a's cache when b speaks; a's next answer equals an unevicted run."""
-    script = [("a", "What colour is it?", CIRCLE), ("b", "Describe this picture.", HOUSE),
+    script = [("a", "What colour is it?", CIRCLE), ("b", "Describe this picture.", TWO_CIRCLES),
               ("a", "And the shape?", None), ("b", "What colour is the roof?", None), ("a", "Is it big?", None)]
     small, large = SessionPool(model, max_cached=1), SessionPool(model, max_cached=8)
     for key, text, image in script:
@@ -79,9 +79,9 @@ def test_one_request_at_a_time_per_conversation(model):
 def test_undo_keeps_the_shown_images_in_step(model):
     pool = SessionPool(model)
     ask(pool, "a", "What colour is it?", CIRCLE)
-    ask(pool, "a", "And this one?", HOUSE)
+    ask(pool, "a", "And this one?", TWO_CIRCLES)
     with pool.use("a") as conversation:
-        assert [t.image_files for t in conversation.thread()] == [[CIRCLE], [], [HOUSE], []]
+        assert [t.image_files for t in conversation.thread()] == [[CIRCLE], [], [TWO_CIRCLES], []]
         conversation.undo()
         assert [t.image_files for t in conversation.thread()] == [[CIRCLE], []]
         conversation.clear()

@@ -1,0 +1,315 @@
+"""`python -m finetune.demo`: build the embedded demo model from nothing, on a CPU.
+
+    python -m finetune.demo --out assets/demo-model            # the shipped model (under an hour, 2 cores)
+    python -m finetune.demo --out /tmp/demo --quick            # a smaller world in a few minutes (the tests)
+
+1. data: synthetic shape images with captions and conversations, as LLaVA-format files
+2. tokenizer: BPE over the world's text (`finetune.train_tokenizer`)
+3. CLIP: a tiny open_clip CLIP trained contrastively (`finetune.pretrain_clip`)
+4. LLM: a tiny LLaMA trained on the conversations' text (`finetune.pretrain_lm`)
+5. stage 0: both parts and a new projector as an mmchat checkpoint
+6. stage 1: `python -m finetune.qlora --stage align` (projector only, LLM in 4-bit)
+7. stage 2: `python -m finetune.qlora --stage instruct` (QLoRA: 4-bit NF4 LLM + LoRA, projector)
+8. pack: the base LLM copied in, so the folder stands alone; then held-out evaluation in 4-bit
+   and the model card (README.md, learning curves) written beside the weights.
+
+Stages 1-2 run the very command users run on a 7B model, with `finetune/configs/demo-*.yaml`.
+Each step prints its time. Work files go to `--work` (default: beside --out) and are kept.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+from finetune.pretrain_clip import ClipConfig
+from finetune.pretrain_lm import LmConfig
+from finetune.synthetic import WorldConfig
+from finetune.synthetic_data import SyntheticSet
+from finetune.synthetic_text import TextConfig
+
+CONFIGS = Path(__file__).resolve().parent / "configs"
+SEEDS = {"clip": 1, "lm": 2, "align": 3, "instruct": 4, "tokenizer": 5, "heldout": 1000}
+"""World seeds of each part: every set is a different draw, the held-out one never trained on."""
+
+
+@dataclass
+class DemoConfig:
+    out: Path
+    work: Path
+    quick: bool = False
+    world: WorldConfig = field(default_factory=WorldConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    clip: ClipConfig = field(default_factory=ClipConfig)
+    lm: LmConfig = field(default_factory=LmConfig)
+    vocab_size: int = 512
+    select_layer: int = -2
+    """The CLIP block whose output feeds the projector: the penultimate, as LLaVA (with CLS
+    pooling the last block's patch outputs feed nothing in CLIP's loss)."""
+    select_feature: str = "patch"
+    """The nine patch tokens, one per cell: the LLM learnt to read the scene as a 3×3 grid of
+    cell words in that order (`finetune.pretrain_lm`)."""
+    align_records: int = 6000
+    instruct_records: int = 16000
+    heldout_records: int = 600
+    align_flags: list[str] = field(default_factory=list)
+    """Extra `finetune.qlora` flags after demo-align.yaml (the quick build shortens the run)."""
+    instruct_flags: list[str] = field(default_factory=list)
+    curve_every: int = 0
+    """Evaluate stage 2's checkpoints every N steps on held-out questions for the learning curve (0: off)."""
+    curve_records: int = 80
+    threads: int = 1
+    """Torch threads per process. These models' matrices are too small to gain from a second
+    thread, and when another process holds a core, two threads wait on each other (4× slower
+    measured); the build uses the second core for the LLM's pretraining instead."""
+
+    def set(self, kind: str, records: int, seed: int) -> SyntheticSet:
+        return SyntheticSet(self.work / f"data-{kind}", seed, records, self.clip.image_size,
+                            "captions" if kind == "align" else "conversations", self.world, self.text)
+
+
+def full_config(out: Path, work: Path) -> DemoConfig:
+    """The shipped model: the LLM's pretraining is the long pole (reading the grid by attribute,
+    "the colour of the circle", is learnt slowly); the CLIP trains beside it on the other core."""
+    clip = ClipConfig(pool="tok", steps=800)
+    lm = LmConfig(conversations=40000, steps=4000, batch_size=64)
+    return DemoConfig(out, work, clip=clip, lm=lm, align_records=4000, instruct_records=24000,
+                      instruct_flags=["--save-every", "300"], curve_every=300)
+
+
+def quick_config(out: Path, work: Path) -> DemoConfig:
+    """One shape per image, colour questions only, small models, short runs."""
+    world = WorldConfig(max_shapes=1)
+    text = TextConfig(types=("colour",), max_turns=1)
+    clip = ClipConfig(width=64, layers=2, heads=2, embed_dim=64, text_width=64, text_layers=1, images=2048,
+                      steps=100, batch_size=128, warmup=20, world=world)
+    lm = LmConfig(hidden=64, layers=2, heads=2, intermediate=192, conversations=2000, steps=300, batch_size=32,
+                  warmup=30, world=world, text=text)
+    return DemoConfig(out, work, True, world, text, clip, lm, vocab_size=384, align_records=600, instruct_records=1200,
+                      heldout_records=120, align_flags=["--max-steps", "40"], instruct_flags=["--max-steps", "120"])
+
+
+# ---------------------------------------------------------------- the steps
+
+
+class Steps:
+    """Prints each step's start and time; keeps the times for the model card."""
+
+    def __init__(self, total: int):
+        self.total, self.times, self.started = total, {}, time.perf_counter()
+
+    @contextmanager
+    def step(self, name: str):
+        n = len(self.times) + 1
+        say(f"step {n}/{self.total}: {name}")
+        tick = time.perf_counter()
+        yield
+        self.times[name] = time.perf_counter() - tick
+        say(f"step {n}/{self.total}: {name} done in {self.times[name]:.0f} s ({time.perf_counter() - self.started:.0f} s in all)")
+
+
+def say(message: str) -> None:
+    print(f"[demo] {message}", flush=True)
+
+
+def qlora(stage: str, model: Path, data: Path, out: Path, flags: list[str], threads: int) -> list[str]:
+    """Run `python -m finetune.qlora` as a user would; returns the command."""
+    command = [sys.executable, "-m", "finetune.qlora", "--config", str(CONFIGS / f"demo-{stage}.yaml"),
+               "--model", str(model), "--data", str(data), "--image-root", str(data.parent),
+               "--output-dir", str(out), "--overwrite", "--no-progress", *flags]
+    say(" ".join(command[1:]))
+    subprocess.run(command, check=True, env={**os.environ, "OMP_NUM_THREADS": str(threads)})
+    return command
+
+
+def build(cfg: DemoConfig) -> dict:
+    """All the steps; returns what the model card reports."""
+    import torch
+
+    from finetune.demo_card import write_card
+    from finetune.eval import EvalConfig, evaluate
+    from finetune.synthetic_data import write_set
+
+    torch.set_num_threads(cfg.threads)
+    steps = Steps(6)
+    work = cfg.work
+    work.mkdir(parents=True, exist_ok=True)
+    with steps.step("data"):
+        sets = {kind: write_set(cfg.set(kind, records, SEEDS[kind])) for kind, records in
+                (("align", cfg.align_records), ("instruct", cfg.instruct_records), ("heldout", cfg.heldout_records))}
+    with steps.step("tokenizer"):
+        tokenizer = make_tokenizer(cfg)
+    with steps.step("CLIP and LLM pretraining (in parallel, one core each)"):
+        clip, lm, lm_history, parallel = pretrain_both(cfg, tokenizer)
+        stage0 = stage0_checkpoint(cfg, clip, lm, tokenizer)
+    with steps.step("stage 1: align"):
+        align_cmd = qlora("align", stage0, sets["align"], work / "stage1", cfg.align_flags, cfg.threads)
+    with steps.step("stage 2: instruct (QLoRA)"):
+        instruct_cmd = qlora("instruct", work / "stage1", sets["instruct"], work / "stage2", cfg.instruct_flags,
+                             cfg.threads)
+    with steps.step("pack, evaluate in 4-bit, model card"):
+        pack(work / "stage2", stage0 / "llm", cfg.out)
+        result = evaluate(EvalConfig(str(cfg.out), sets["heldout"], sets["heldout"].parent, load_in="4bit",
+                                     device="cpu", progress=False))
+        curve = instruct_curve(cfg, sets["heldout"])
+        info = {"quick": cfg.quick, "times": steps.times, "parallel_times": parallel,
+                "wall_seconds": time.perf_counter() - steps.started, "eval": result, "clip": clip.history, "lm": lm_history,
+                "instruct_curve": curve, "commands": {"align": align_cmd, "instruct": instruct_cmd},
+                "config": _plain(asdict(cfg))}
+        write_card(cfg, info)
+    say(f"done in {time.perf_counter() - steps.started:.0f} s: {cfg.out} (python app.py --model {cfg.out})")
+    return info
+
+
+def make_tokenizer(cfg: DemoConfig):
+    """BPE over conversations as the renderer cuts them (split at the image slot, `\\n` then the
+    question), the scenes' descriptions and the captions, so merges follow what the model reads."""
+    import random
+
+    from finetune.synthetic import sample_scene, scene_rng
+    from finetune.synthetic_text import caption, conversation, description
+    from finetune.train_tokenizer import train_tokenizer
+    from mmchat.conversation import ASSISTANT, USER, Message
+    from mmchat.templates import get_template, prompt_text, segments
+
+    template = get_template(cfg.lm.template)
+
+    def corpus():
+        for i in range(4000):
+            scene = sample_scene(scene_rng(SEEDS["tokenizer"], i), cfg.world)
+            rng = random.Random(i)
+            messages = []
+            for n, turn in enumerate(conversation(scene, rng, cfg.text)):
+                messages += [Message(USER, turn.question, int(n == 0)), Message(ASSISTANT, turn.answer)]
+            yield from prompt_text(segments(template, messages, False)).split("<image>")
+            yield description(scene)
+            yield caption(scene, rng)
+
+    return train_tokenizer(corpus(), cfg.work / "tokenizer", cfg.vocab_size)
+
+
+def pretrain_both(cfg: DemoConfig, tokenizer):
+    """CLIP here and the LLM in a second process at once: the two share nothing, and each of
+    these tiny models runs as fast on one core as on two.
+
+    Returns the CLIP result, the LLM, its history and each part's seconds.
+    """
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    from transformers import AutoModelForCausalLM
+
+    from finetune.pretrain_clip import pretrain_clip
+
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        lm_job = pool.submit(_pretrain_lm, replace(cfg.lm, seed=SEEDS["lm"]), cfg.work / "tokenizer",
+                             cfg.work / "lm", cfg.threads)
+        clip = pretrain_clip(replace(cfg.clip, seed=SEEDS["clip"]), tokenizer, cfg.work / "clip", log=say)
+        lm_history, lm_seconds = lm_job.result()
+    parallel = {"CLIP pretraining": clip.seconds, "LLM pretraining": lm_seconds}
+    return clip, AutoModelForCausalLM.from_pretrained(cfg.work / "lm"), lm_history, parallel
+
+
+def _pretrain_lm(cfg: LmConfig, tokenizer_dir: Path, out: Path, threads: int) -> tuple[list[dict], float]:
+    """The LLM's pretraining in the second process (its log lines are prefixed like the rest)."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from finetune.pretrain_lm import pretrain_lm
+
+    torch.set_num_threads(threads)
+    result = pretrain_lm(cfg, AutoTokenizer.from_pretrained(tokenizer_dir), out, log=say)
+    return result.history, result.seconds
+
+
+def stage0_checkpoint(cfg: DemoConfig, clip, lm, tokenizer) -> Path:
+    """The pretrained CLIP tower and LLaMA with a new projector, as an mmchat checkpoint."""
+    import torch
+
+    from mmchat.checkpoint import save_checkpoint
+    from mmchat.config import ModelConfig, ProjectorConfig, VisionConfig
+    from mmchat.projector import build_projector
+
+    torch.manual_seed(0)
+    vision = VisionConfig(open_clip_model="mmchat-demo-clip", pretrained=None, select_layer=cfg.select_layer,
+                          select_feature=cfg.select_feature, image_size=cfg.clip.image_size)
+    config = ModelConfig(vision=vision, projector=ProjectorConfig("mlp2x_gelu", cfg.clip.width, cfg.lm.hidden),
+                         llm="llm", tokenizer="llm", template=cfg.lm.template)
+    return save_checkpoint(cfg.work / "stage0", config, build_projector(config.projector), tokenizer, llm=lm,
+                           vision=clip.model.visual, vision_model_cfg=clip.model_cfg)
+
+
+def pack(trained: Path, base_llm: Path, out: Path) -> Path:
+    """The stage-2 checkpoint with its base LLM copied in (it names the LLM by absolute path)."""
+    from mmchat.checkpoint import PROJECTOR_FILE, replace_dir
+    from mmchat.config import CONFIG_FILE, ModelConfig
+
+    config = ModelConfig.load(trained)
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for name in (PROJECTOR_FILE, "vision", config.tokenizer, config.adapter):
+        source = trained / name
+        (shutil.copytree if source.is_dir() else shutil.copy)(source, tmp / name)
+    shutil.copytree(base_llm, tmp / "llm")
+    config.llm = "llm"
+    config.save(tmp)
+    assert (tmp / CONFIG_FILE).is_file()
+    replace_dir(tmp, out)
+    return out
+
+
+def instruct_curve(cfg: DemoConfig, heldout: Path) -> list[dict]:
+    """Held-out accuracy of stage 2's saved checkpoints (the learning curve in the card)."""
+    from finetune.eval import EvalConfig, evaluate
+
+    if not cfg.curve_every:
+        return []
+    points = []
+    for folder in sorted((cfg.work / "stage2" / "checkpoints").glob("step-*")):
+        result = evaluate(EvalConfig(str(folder / "model"), heldout, heldout.parent, load_in="4bit", device="cpu",
+                                     limit=cfg.curve_records, progress=False))
+        step = int(folder.name.split("-")[1])
+        points.append({"step": step, "accuracy": result["accuracy"],
+                       "per_question_type": {k: v["accuracy"] for k, v in result["per_question_type"].items()}})
+        say(f"stage 2 step {step}: held-out accuracy {result['accuracy']:.1%}")
+    return points
+
+
+def _plain(value):
+    """A config as JSON-friendly values (paths as strings)."""
+    return json.loads(json.dumps(value, default=str))
+
+
+def parse_args(argv: list[str] | None = None) -> DemoConfig:
+    p = argparse.ArgumentParser(prog="python -m finetune.demo", description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", type=Path, required=True, help="the checkpoint folder to write (e.g. assets/demo-model)")
+    p.add_argument("--work", type=Path, default=None, help="folder for data and intermediate models (default: beside --out)")
+    p.add_argument("--quick", action="store_true", help="one shape per image, colour questions, a few minutes")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per process (default: %(default)s)")
+    a = p.parse_args(argv)
+    if a.threads < 1:
+        p.error(f"--threads {a.threads}: must be at least 1")
+    work = a.work or a.out.with_name(f"{a.out.name}-work")
+    return replace((quick_config if a.quick else full_config)(a.out, work), threads=a.threads)
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse_args(argv)
+    try:
+        build(cfg)
+    except subprocess.CalledProcessError as e:
+        print(f"error: a training stage failed (exit {e.returncode}): {' '.join(map(str, e.cmd))}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,49 @@
+"""The demo model's build end to end: `python -m finetune.demo --quick` trains CLIP, tokenizer,
+LLaMA, stage 1 and stage 2 from nothing, and the result answers held-out questions far above
+chance through the 4-bit path (the slow test of the suite: a few minutes on 2 CPU cores)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from mmchat.config import ModelConfig
+
+REPO = Path(__file__).resolve().parents[1]
+QUICK_BUDGET_S = 300
+COLOUR_CHANCE = 1 / 6
+
+
+def run(args: list[str], timeout: float) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", *args], cwd=REPO, capture_output=True, text=True, timeout=timeout)
+
+
+def test_quick_build_trains_from_nothing_and_beats_chance_in_4bit(tmp_path):
+    out, work = tmp_path / "demo-model", tmp_path / "work"
+    started = time.monotonic()
+    built = run(["finetune.demo", "--quick", "--out", str(out), "--work", str(work)], timeout=2 * QUICK_BUDGET_S)
+    seconds = time.monotonic() - started
+    assert built.returncode == 0, built.stdout[-3000:] + built.stderr[-3000:]
+    assert seconds <= QUICK_BUDGET_S, f"the quick build took {seconds:.0f} s"
+    for step in ("data", "tokenizer", "CLIP and LLM pretraining", "stage 1: align", "stage 2: instruct"):
+        assert f"{step}" in built.stdout and " done in " in built.stdout, f"no time printed for step {step!r}"
+
+    config = ModelConfig.load(out)
+    assert config.llm == "llm" and config.adapter == "adapter" and config.vision.pretrained is None
+    assert (out / "llm" / "config.json").is_file() and (out / "vision" / "visual.safetensors").is_file()
+    assert sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) < 20 * 2**20
+    card = (out / "README.md").read_text()
+    assert "python -m finetune.eval" in card and (out / "learning_curves.png").stat().st_size > 10_000
+
+    heldout = work / "data-heldout"
+    scored = run(["finetune.eval", "--model", str(out), "--data", str(heldout / "data.json"), "--image-root", str(heldout),
+                  "--load-in", "4bit", "--device", "cpu", "--json", "--no-progress"], timeout=QUICK_BUDGET_S)
+    assert scored.returncode == 0, scored.stderr[-3000:]
+    result = json.loads(scored.stdout)
+    assert result["load_in"] == "4bit" and set(result["per_question_type"]) == {"colour"}
+    assert result["questions"] >= 100
+    assert result["accuracy"] >= 0.70 > 3 * COLOUR_CHANCE, result
+    assert result == {**json.loads((out / "build.json").read_text())["eval"], "seconds": result["seconds"]}, \
+        "the card's scores are what the eval command gives"

@@ -39,6 +39,9 @@ class TurnStats:
     dropped_turns: int = 0
     time_to_first_token: float = 0.0
     decode_seconds: float = 0.0
+    decode_model_seconds: float = 0.0
+    """Of decode_seconds, the time inside the LLM's forward; the rest is the session's own work
+    per token (choosing, detokenising, stop strings, streaming)."""
 
     @property
     def decode_tokens_per_second(self) -> float:
@@ -210,10 +213,15 @@ class ChatSession:
     @torch.inference_mode()
     def _step(self, token: int) -> torch.Tensor:
         ids = torch.tensor([[token]], device=self.model.device)
+        tick = time.perf_counter()
         out = self.model.llm(input_ids=ids, cache=self._cache, use_cache=True)
+        logits = out.logits[0, -1]
+        if logits.device.type == "cuda":  # kernels run asynchronously: wait, or the forward looks free
+            torch.cuda.synchronize(logits.device)
+        self.last_stats.decode_model_seconds += time.perf_counter() - tick
         self._cache = out.cache
         self._cached_keys.append(token)
-        return out.logits[0, -1]
+        return logits
 
     def _generate(self, view: "_View", gen: GenerationConfig) -> Iterator[str]:
         tokenizer = self.model.tokenizer

@@ -133,7 +133,7 @@ def build(cfg: DemoConfig) -> dict:
     """All the steps; returns what the model card reports."""
     import torch
 
-    from finetune.demo_card import write_card
+    from finetune.demo_card import accuracy_by_shapes, write_card
     from finetune.eval import EvalConfig, evaluate
     from finetune.synthetic_data import write_set
 
@@ -156,12 +156,14 @@ def build(cfg: DemoConfig) -> dict:
                              cfg.threads)
     with steps.step("pack, evaluate in 4-bit, model card"):
         pack(work / "stage2", stage0 / "llm", cfg.out)
+        predictions = work / "heldout-predictions.jsonl"
         result = evaluate(EvalConfig(str(cfg.out), sets["heldout"], sets["heldout"].parent, load_in="4bit",
-                                     device="cpu", progress=False))
+                                     device="cpu", predictions=predictions, progress=False))
         curve = instruct_curve(cfg, sets["heldout"])
         info = {"quick": cfg.quick, "times": steps.times, "parallel_times": parallel,
                 "wall_seconds": time.perf_counter() - steps.started, "eval": result, "clip": clip.history, "lm": lm_history,
-                "instruct_curve": curve, "commands": {"align": align_cmd, "instruct": instruct_cmd},
+                "instruct_curve": curve, "by_shapes": accuracy_by_shapes(predictions, cfg.world),
+                "commands": {"align": align_cmd, "instruct": instruct_cmd},
                 "config": _plain(asdict(cfg))}
         write_card(cfg, info)
     say(f"done in {time.perf_counter() - steps.started:.0f} s: {cfg.out} (python app.py --model {cfg.out})")
@@ -259,11 +261,22 @@ def pack(trained: Path, base_llm: Path, out: Path) -> Path:
         source = trained / name
         (shutil.copytree if source.is_dir() else shutil.copy)(source, tmp / name)
     shutil.copytree(base_llm, tmp / "llm")
+    _adapter_beside_its_llm(tmp / config.adapter)
     config.llm = "llm"
     config.save(tmp)
     assert (tmp / CONFIG_FILE).is_file()
     replace_dir(tmp, out)
     return out
+
+
+def _adapter_beside_its_llm(adapter: Path) -> None:
+    """The adapter names its base by the build's work path; in the packed folder the base is `llm/`
+    beside it. PEFT's empty model-card template goes: the folder's README is the card."""
+    config_file = adapter / "adapter_config.json"
+    config = json.loads(config_file.read_text())
+    config["base_model_name_or_path"] = "llm"
+    config_file.write_text(json.dumps(config, indent=2) + "\n")
+    (adapter / "README.md").unlink(missing_ok=True)
 
 
 def instruct_curve(cfg: DemoConfig, heldout: Path) -> list[dict]:

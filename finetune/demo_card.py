@@ -22,6 +22,24 @@ def passes_bar(per_type: dict[str, dict]) -> bool:
                for name, row in per_type.items())
 
 
+def accuracy_by_shapes(predictions: Path, world) -> dict[str, dict[str, list[float]]]:
+    """Held-out accuracy per question type and number of shapes in the image: {type: {n: [accuracy, questions]}}.
+
+    The held-out records are `shapes-SEED-INDEX`, so each one's scene is drawn again from its seed.
+    """
+    from collections import defaultdict
+
+    from finetune.synthetic import sample_scene, scene_rng
+
+    scores: dict = defaultdict(lambda: defaultdict(list))
+    for line in Path(predictions).read_text().splitlines():
+        row = json.loads(line)
+        seed, index = row["record"].split("-")[1:]
+        shapes = len(sample_scene(scene_rng(int(seed), int(index)), world).shapes)
+        scores[row["type"]][str(shapes)].append(row["score"])
+    return {kind: {n: [sum(v) / len(v), len(v)] for n, v in sorted(by_n.items())} for kind, by_n in scores.items()}
+
+
 def plot_curves(info: dict, path: Path) -> Path:
     """Four panels: CLIP loss and caption matching, LLM loss, stage-1 and stage-2 loss with held-out accuracy."""
     import matplotlib
@@ -107,6 +125,17 @@ def card_text(cfg, info: dict) -> str:
               "(\"top left\", \"center\", ...), whether there is a given shape (yes/no), a one-sentence description")
     follow_ups = (", and follow-ups that need the earlier turns (\"And the square?\", \"What colour is it?\")"
                   if cfg.text.max_turns > 1 else "")
+    below = [f"{name} ({row['accuracy']:.0%})" for name, row in per_type.items()
+             if row["accuracy"] < (FOLLOW_UP_BAR if name == FOLLOW_UP else SINGLE_TURN_BAR)]
+    weak = f"Below the bar: {', '.join(below)}.\n\n" if below and not cfg.quick else ""
+    by_shapes = info.get("by_shapes") or {}
+    counts = sorted({n for row in by_shapes.values() for n in row}, key=int)
+    shapes_table = ("By shapes in the image (accuracy, questions):\n\n| question type | "
+                    + " | ".join(f"{n} shape{'s' if n != '1' else ''}" for n in counts) + " |\n| --- |"
+                    + " --- |" * len(counts) + "\n"
+                    + "\n".join(f"| {name} | " + " | ".join(f"{row[n][0]:.0%} ({row[n][1]})" if n in row else "–"
+                                                        for n in counts) + " |" for name, row in by_shapes.items())
+                    + "\n" if len(counts) > 1 else "")
     world = cfg.world
     shapes = f"{world.min_shapes}–{world.max_shapes} solid shapes" if world.max_shapes > 1 else "one solid shape"
     rows = "\n".join(f"| {name} | {row['questions']} | {row['accuracy']:.1%} | {CHANCE.get(name, '?')} |"
@@ -145,6 +174,7 @@ reference answers. Overall accuracy **{result['accuracy']:.1%}**. {bar}
 | --- | --- | --- | --- |
 {rows}
 
+{shapes_table}
 {pope_line}
 
 Reproduce:
@@ -185,7 +215,7 @@ and the tokenizer; `build.json` has every setting, step time and learning-curve 
 
 ## Limits
 
-It knows only this world: six colours, three shapes, nine cells, white backgrounds. Other
+{weak}It knows only this world: six colours, three shapes, nine cells, white backgrounds. Other
 pictures (photos, other colours or shapes, overlapping or very large shapes) get confident
 answers in this world's vocabulary, which may be wrong; free-form questions outside the
 question types above get answers of the nearest type. Its context is 512 tokens.

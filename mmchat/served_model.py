@@ -13,9 +13,12 @@ from mmchat.serve_config import ServeConfig
 
 FIX = ("start with `python app.py --model PATH` (an mmchat checkpoint, a LLaVA folder or a hub id), "
        "or set MMCHAT_MODEL on a Space")
-NO_DEMO = f"No model loaded: the embedded demo model is not built yet; {FIX}."
-DEMO_LIMITS = ("The demo model is tiny and trained here on drawn shapes: it can name colours, shapes and "
-               "where they are, not describe photos. Serve a full LLaVA-1.5 with --model for real images.")
+NO_DEMO = (f"No model loaded: the embedded demo model is missing from assets/demo-model; rebuild it with "
+           f"`python -m finetune.demo --out assets/demo-model` (under an hour on a CPU), or {FIX}.")
+DEMO_LIMITS = ("The demo model is tiny and was trained here, from nothing, on drawn scenes: circles, squares and "
+               "triangles in six colours on white, one per cell of a 3×3 grid. Ask it a shape's colour or place, "
+               "how many there are, whether there is a blue square, or for a description (try the examples); "
+               "it cannot read photos. Serve a full LLaVA-1.5 with --model for real images.")
 WEIGHTS = {"4bit": "4-bit NF4", "8bit": "8-bit", "16bit": "bfloat16", "32bit": "float32"}
 
 

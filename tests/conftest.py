@@ -63,6 +63,16 @@ def app_server(tiny_checkpoint, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def demo_app_server(tmp_path_factory):
+    """`python app.py` with no flags: the committed demo model, as a fresh offline machine runs it."""
+    from app_server import AppServer
+
+    server = AppServer([], tmp_path_factory.mktemp("demo-app"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
 def tiny_train_checkpoint(tmp_path_factory, tiny_tokenizer_dir):
     """A tiny checkpoint that LoRA can teach (wide lm_head; see `build_trainable_checkpoint`)."""
     from tiny_models import build_trainable_checkpoint

@@ -274,7 +274,8 @@ def test_missing_demo_model_says_which_model_to_pass(tmp_path, monkeypatch):
     monkeypatch.setattr(serve_config, "DEMO_MODEL", tmp_path / "demo-model")
     served = load_served_model(serve_config.ServeConfig(model=str(tmp_path / "demo-model")))
     assert not served.ready
-    assert served.summary.startswith("No model loaded: the embedded demo model is not built yet")
+    assert served.summary.startswith("No model loaded: the embedded demo model is missing")
+    assert "python -m finetune.demo --out assets/demo-model" in served.summary
     assert "python app.py --model PATH" in served.summary
 
 

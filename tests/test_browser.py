@@ -6,6 +6,7 @@ is skipped with the reason printed (`pytest -rs`), never silently.
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -19,12 +20,10 @@ BOT = "#chat [data-testid='bot']"
 USER = "#chat [data-testid='user']"
 
 
-@pytest.fixture()
-def page(request, tmp_path):
-    if not CHROMIUM.exists():
-        pytest.skip(f"no browser: {CHROMIUM} is missing (apt-get install -y chromium)")
+@contextmanager
+def browser_page(url: str, tmp_path: Path):
+    """A Chromium page on `url`, failing the test on any JavaScript error."""
     sync_api = pytest.importorskip("playwright.sync_api", reason="Playwright for Python is not installed")
-    app_server = request.getfixturevalue("app_server")  # only started when there is a browser
     errors: list[str] = []
     with sync_api.sync_playwright() as p:
         context = p.chromium.launch_persistent_context(
@@ -34,11 +33,34 @@ def page(request, tmp_path):
         page = context.new_page()
         page.set_default_timeout(30_000)
         page.on("pageerror", lambda e: errors.append(str(e)))
-        page.goto(app_server.url)
+        page.goto(url)
         page.wait_for_selector("#message textarea")
         yield page
         context.close()
     assert not errors, f"JavaScript errors on the page: {errors}"
+
+
+def need_browser() -> None:
+    if not CHROMIUM.exists():
+        pytest.skip(f"no browser: {CHROMIUM} is missing (apt-get install -y chromium)")
+
+
+@pytest.fixture()
+def page(request, tmp_path):
+    """The app serving the random tiny checkpoint."""
+    need_browser()
+    app_server = request.getfixturevalue("app_server")  # only started when there is a browser
+    with browser_page(app_server.url, tmp_path) as page:
+        yield page
+
+
+@pytest.fixture()
+def demo_page(request, tmp_path):
+    """`python app.py` with no flags: the embedded demo model."""
+    need_browser()
+    demo_server = request.getfixturevalue("demo_app_server")
+    with browser_page(demo_server.url, tmp_path) as page:
+        yield page
 
 
 def last_answer(page) -> str:
@@ -126,3 +148,21 @@ def test_a_user_chats_about_an_image(page, tmp_path):
     assert stopped and last_answer(page) == stopped, "Stop keeps what was said"
     assert new_tokens < 300, f"Stop ended the answer early ({new_tokens} of 400 tokens)"
     page.screenshot(path=str(tmp_path / "mmchat-stopped.png"), full_page=True)
+
+
+def test_the_demo_model_names_the_colour_of_a_shape_in_an_example(demo_page):
+    """The offline default: a user passes no flag, uploads an example and asks about its shape."""
+    page = demo_page
+    assert "Serving the demo model" in page.inner_text("body")
+    red_circle = next(e for e in EXAMPLES if e.name == "red_circle")
+    (shape,) = red_circle.shapes
+    set_number(page, "temperature", "0")
+    page.set_input_files("#message input[type=file]", str(example_path(red_circle)))
+    page.wait_for_selector("#message img")
+    page.fill("#message textarea", f"What colour is the {shape.kind}?")
+    answer = answer_after(page, lambda: page.click("#send"))[-1]
+    assert answer.strip().lower().rstrip(".") == shape.colour, answer
+
+    page.fill("#message textarea", "Where is it?")  # a follow-up: only the first turn says what "it" is
+    answer = answer_after(page, lambda: page.press("#message textarea", "Enter"))[-1]
+    assert answer.strip().lower().rstrip(".") == "center", answer

@@ -79,7 +79,7 @@ def full_config(out: Path, work: Path) -> DemoConfig:
     """The shipped model: the LLM's pretraining is the long pole (reading the grid by attribute,
     "the colour of the circle", is learnt slowly); the CLIP trains beside it on the other core."""
     clip = ClipConfig(pool="tok", steps=800)
-    lm = LmConfig(conversations=40000, steps=4000, batch_size=64)
+    lm = LmConfig(conversations=40000, steps=2600, batch_size=64)
     return DemoConfig(out, work, clip=clip, lm=lm, align_records=4000, instruct_records=24000,
                       instruct_flags=["--save-every", "300"], curve_every=300)
 

@@ -21,7 +21,10 @@ def train_tokenizer(texts: Iterable[str], out: Path, vocab_size: int, max_length
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    # Punctuation is split off words: "square?" must be the token of "square", or the question's
+    # word and the word the LLM reads for the image's cell are different embeddings to relate.
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first"),
+                                                 pre_tokenizers.Punctuation("isolated")])
     tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIALS), initial_alphabet=ALPHABET,
                                   show_progress=False)

@@ -19,6 +19,7 @@ from PIL import Image
 from mmchat.conversation import ASSISTANT, USER, Message, Rendered, render
 from mmchat.generate import GenerationConfig, next_token
 from mmchat.image import load_image, preprocess
+from mmchat.kv_cache import new_cache
 from mmchat.model import MultimodalModel
 from mmchat.templates import get_template
 
@@ -192,7 +193,7 @@ class ChatSession:
         keep = sum(1 for _ in itertools.takewhile(lambda kk: kk[0] == kk[1], zip(keys, self._cached_keys)))
         keep = min(keep, len(keys) - 1)  # the last position must run to give logits
         if keep == 0:
-            self._cache = None
+            self._cache = new_cache(self.model.llm.config)
         elif keep < len(self._cached_keys):
             self._cache.crop(keep - len(self._cached_keys))  # negative: how many positions to remove
         mask = view.rendered.image_mask

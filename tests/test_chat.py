@@ -168,3 +168,27 @@ def test_repetition_penalty_changes_greedy_choices(model, red):
     penalised = "".join(ChatSession(model).ask("Describe it.", red, GenerationConfig(
         max_new_tokens=24, temperature=0.0, repetition_penalty=5.0)))
     assert plain != penalised
+
+
+def test_append_in_place_cache_matches_concatenation_through_growth_and_crops():
+    from transformers.cache_utils import DynamicLayer
+
+    from mmchat.kv_cache import GROW_BLOCK, AppendInPlaceLayer
+
+    torch.manual_seed(0)
+    ours, theirs = AppendInPlaceLayer(), DynamicLayer()
+    chunks = [10, 1, 1, -3, GROW_BLOCK + 44, 1, 1, -5, 1, GROW_BLOCK + 44, 1]  # negative: crop that many
+    buffers = set()
+    for n in chunks:
+        if n < 0:
+            ours.crop(n)
+            theirs.crop(n)
+            continue
+        k, v = torch.randn(1, 3, n, 8), torch.randn(1, 3, n, 8)
+        ok, ov = ours.update(k, v)
+        tk, tv = theirs.update(k, v)
+        assert torch.equal(ok, tk) and torch.equal(ov, tv)
+        assert ours.get_seq_length() == theirs.get_seq_length()
+        buffers.add(ok.data_ptr())
+    # Appending wrote into the buffer: it was reallocated only when full (twice after the first for these chunks).
+    assert len(buffers) == 3

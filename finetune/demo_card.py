@@ -149,6 +149,11 @@ def card_text(cfg, info: dict) -> str:
     build_cmd = "python -m finetune.demo --out assets/demo-model" + (" --quick" if cfg.quick else "")
     heldout = cfg.set("heldout", cfg.heldout_records, 1000)
     clip, lm = cfg.clip, cfg.lm
+    reused = (" Stages 1-2 were re-run with `--reuse-pretraining` on the CLIP and LLM that the same command "
+              "had pretrained (same settings); the pretraining's times are that run's." if info.get("pretraining_reused") else "")
+    places_tokens = ", and `<cell0>`..`<cell8>`, the grid's places" if lm.cell_places else ""
+    places_sum = (", plus its place token's: rotary positions tell how far back a cell is, not which cell"
+                  if lm.cell_places else "")
     return f"""# mmchat demo model
 
 A tiny LLaVA-1.5-style model that mmchat builds from nothing on a CPU: it answers questions about
@@ -156,7 +161,7 @@ pictures of coloured shapes. It is what `python app.py` serves by default, offli
 whole pipeline working, not a general-purpose assistant.
 
 Built with `{build_cmd}` in {info['wall_seconds'] / 60:.1f} minutes
-({'the quick build' if cfg.quick else 'the full build'}).
+({'the quick build' if cfg.quick else 'the full build'}).{reused}
 
 ## What it knows
 
@@ -195,11 +200,11 @@ python -m finetune.eval --model assets/demo-model --data data/shapes-heldout/dat
 1. **CLIP**: an open_clip ViT ({clip.layers} blocks, width {clip.width}, {clip.image_size} px, patch {clip.patch_size}) and text
    transformer, trained contrastively with open_clip's `ClipLoss` on {clip.images:,} synthetic scenes × varied
    captions ({clip.steps} steps of {clip.batch_size}). The config is an open_clip `local-dir` config.
-2. **Tokenizer**: byte-pair encoding over the world's text (`tokenizers`), LLaMA's special tokens.
+2. **Tokenizer**: byte-pair encoding over the world's text (`tokenizers`), LLaMA's special tokens{places_tokens}.
 3. **LLM**: a LLaMA ({lm.layers} layers, hidden {lm.hidden}) trained from scratch on {lm.conversations:,} rendered
    records ({1 - lm.caption_rate:.0%} conversations in `llava_v1` format, {lm.caption_rate:.0%} stage-1 captions in `plain`),
-   {lm.steps} steps of {lm.batch_size}. Where the image goes it reads the scene as nine "cell words", one input
-   vector per cell of the 3×3 grid (the sum of the colour and shape words' embeddings), the layout
+   {lm.steps} steps of {lm.batch_size} at learning rate {lm.lr:g}. Where the image goes it reads the scene as nine "cell words", one input
+   vector per cell of the 3×3 grid (the sum of the colour and shape words' embeddings{places_sum}), the layout
    the vision tower's nine patch tokens have: so it learns to answer from a grid it reads, and
    stages 1-2 teach the projector to turn each patch into its cell word.
 4. **Stage 1** (`finetune.qlora --stage align`, `finetune/configs/demo-align.yaml`): the projector only,

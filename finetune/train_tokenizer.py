@@ -15,8 +15,11 @@ SPECIALS = ("<unk>", "<s>", "</s>", "<pad>")
 ALPHABET = sorted(set(string.printable) - set(string.whitespace) | {"\n"})
 
 
-def train_tokenizer(texts: Iterable[str], out: Path, vocab_size: int, max_length: int = 512):
-    """Train on `texts`, save into `out` (tokenizer.json + config) and return the transformers tokenizer."""
+def train_tokenizer(texts: Iterable[str], out: Path, vocab_size: int, max_length: int = 512,
+                    extra_specials: tuple[str, ...] = ()):
+    """Train on `texts`, save into `out` (tokenizer.json + config) and return the transformers tokenizer.
+
+    `extra_specials` get ids right after `<pad>` and are never split or merged."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -26,11 +29,12 @@ def train_tokenizer(texts: Iterable[str], out: Path, vocab_size: int, max_length
     tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first"),
                                                  pre_tokenizers.Punctuation("isolated")])
     tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIALS), initial_alphabet=ALPHABET,
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[*SPECIALS, *extra_specials], initial_alphabet=ALPHABET,
                                   show_progress=False)
     tok.train_from_iterator(texts, trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
-                                   pad_token="<pad>", model_max_length=max_length)
+                                   pad_token="<pad>", model_max_length=max_length,
+                                   additional_special_tokens=list(extra_specials) or None)
     Path(out).mkdir(parents=True, exist_ok=True)
     fast.save_pretrained(out)
     return fast

@@ -47,3 +47,11 @@ def test_quick_build_trains_from_nothing_and_beats_chance_in_4bit(tmp_path):
     assert result["accuracy"] >= 0.70 > 3 * COLOUR_CHANCE, result
     assert result == {**json.loads((out / "build.json").read_text())["eval"], "seconds": result["seconds"]}, \
         "the card's scores are what the eval command gives"
+
+    # Re-running with --reuse-pretraining keeps stage 0 and retrains only stages 1-2: same model, same scores.
+    again = run(["finetune.demo", "--quick", "--out", str(tmp_path / "again"), "--work", str(work),
+                 "--reuse-pretraining"], timeout=QUICK_BUDGET_S)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "reusing the pretrained CLIP and LLM" in again.stdout and "clip step" not in again.stdout
+    rebuilt = json.loads((tmp_path / "again" / "build.json").read_text())
+    assert rebuilt["pretraining_reused"] and rebuilt["eval"]["per_question_type"] == result["per_question_type"]

@@ -3,9 +3,9 @@
 transformers' `DynamicLayer` appends a token with `torch.cat`, which copies every cached key and
 value: at turn 10 of a chat about one image the cache holds over a thousand positions, and each
 decoded token copies all of them again (the cost grows with the conversation; measured: 1% of
-decode time over a 10-turn chat about one image on a 2-core CPU). Here each layer keeps its keys and values in a buffer with room to
-spare, writes new positions into it, and hands attention a view of the filled part; the buffer
-grows by a block when full. Cropping (undo, regenerate, edited history) only moves the end.
+decode time over a 10-turn chat about one image on a 2-core CPU). Here each layer keeps its keys
+and values in a buffer with room to spare, writes new positions into it, and hands attention a
+view of the filled part; the buffer grows by a block when full. Cropping (undo, regenerate, edited history) only moves the end.
 `transformers.StaticCache` avoids the copies too, but attends over its whole fixed length on every
 step, which is slower on a CPU for chats shorter than the context.
 """

@@ -16,9 +16,10 @@ FIX = ("start with `python app.py --model PATH` (an mmchat checkpoint, a LLaVA f
 NO_DEMO = (f"No model loaded: the embedded demo model is missing from assets/demo-model; rebuild it with "
            f"`python -m finetune.demo --out assets/demo-model` (under an hour on a CPU), or {FIX}.")
 DEMO_LIMITS = ("The demo model is tiny and was trained here, from nothing, on drawn scenes: circles, squares and "
-               "triangles in six colours on white, one per cell of a 3×3 grid. Ask it a shape's colour or place, "
-               "how many there are, whether there is a blue square, or for a description (try the examples); "
-               "it cannot read photos. Serve a full LLaVA-1.5 with --model for real images.")
+               "triangles in six colours on white, one per cell of a 3×3 grid. Ask it how many shapes there are, "
+               "whether there is a blue square, for a description, or a shape's colour or place (try the "
+               "examples): with two or three shapes it often names another shape's colour or place. It cannot "
+               "read photos. Serve a full LLaVA-1.5 with --model for real images.")
 WEIGHTS = {"4bit": "4-bit NF4", "8bit": "8-bit", "16bit": "bfloat16", "32bit": "float32"}
 
 

@@ -154,6 +154,11 @@ def card_text(cfg, info: dict) -> str:
     places_tokens = ", and `<cell0>`..`<cell8>`, the grid's places" if lm.cell_places else ""
     places_sum = (", plus its place token's: rotary positions tell how far back a cell is, not which cell"
                   if lm.cell_places else "")
+    turns = ", ".join(f"{'/'.join(k.types)} questions about {k.min_shapes}-{k.max_shapes} shapes" for k in lm.lookups)
+    lookups = (f" Then {lm.lookup_steps} more steps (learning rate warmed up and decayed again) in which batches take "
+               f"turns — {turns}, the mix — each a single question whose shape must be found among others by its kind "
+               "or colour: in the mix alone that lookup does not form (see `finetune.pretrain_lm.lookup_samples`)."
+               if lm.lookups else "")
     return f"""# mmchat demo model
 
 A tiny LLaVA-1.5-style model that mmchat builds from nothing on a CPU: it answers questions about
@@ -203,7 +208,7 @@ python -m finetune.eval --model assets/demo-model --data data/shapes-heldout/dat
 2. **Tokenizer**: byte-pair encoding over the world's text (`tokenizers`), LLaMA's special tokens{places_tokens}.
 3. **LLM**: a LLaMA ({lm.layers} layers, hidden {lm.hidden}) trained from scratch on {lm.conversations:,} rendered
    records ({1 - lm.caption_rate:.0%} conversations in `llava_v1` format, {lm.caption_rate:.0%} stage-1 captions in `plain`),
-   {lm.steps} steps of {lm.batch_size} at learning rate {lm.lr:g}. Where the image goes it reads the scene as nine "cell words", one input
+   {lm.steps} steps of {lm.batch_size} at learning rate {lm.lr:g}.{lookups} Where the image goes it reads the scene as nine "cell words", one input
    vector per cell of the 3×3 grid (the sum of the colour and shape words' embeddings{places_sum}), the layout
    the vision tower's nine patch tokens have: so it learns to answer from a grid it reads, and
    stages 1-2 teach the projector to turn each patch into its cell word.

@@ -215,6 +215,14 @@ def lookup_samples(cfg: LmConfig, lookups: Lookups, tokenizer, seed: int, count:
     return out
 
 
+def turn_of(cfg: LmConfig, step: int) -> int | None:
+    """Which of `cfg.lookups` gives step `step`'s batch (1-based steps); None for the mix."""
+    if step <= cfg.steps:
+        return None
+    turn = (step - cfg.steps - 1) % (len(cfg.lookups) + 1)
+    return turn if turn < len(cfg.lookups) else None
+
+
 def batch_of(batch: list[Sample], embed: torch.nn.Embedding, pad_id: int) -> dict:
     """Right-padded inputs_embeds (cell words in the image slots), attention mask and labels."""
     length = max(len(s.input_ids) for s in batch)
@@ -247,7 +255,6 @@ def pretrain_lm(cfg: LmConfig, tokenizer, out: Path, log=print, threads: Callabl
     held_out = samples(cfg, tokenizer, cfg.seed + 1, 256)
     kinds = list(dict.fromkeys(cfg.lookups))
     pools = {k: lookup_samples(cfg, k, tokenizer, cfg.seed * 100 + n, min(cfg.conversations, 12000)) for n, k in enumerate(kinds)}
-    turns = [pools[k] for k in cfg.lookups] + [train]
     if cfg.lookups:
         log(f"lm: steps {cfg.steps + 1}-{cfg.steps + cfg.lookup_steps}: batches take turns: "
             + ", ".join(f"{'/'.join(k.types)} questions about {k.min_shapes}-{k.max_shapes} shapes" for k in cfg.lookups)
@@ -263,7 +270,8 @@ def pretrain_lm(cfg: LmConfig, tokenizer, out: Path, log=print, threads: Callabl
     model.train()
     total = cfg.steps + cfg.lookup_steps
     for step in range(1, total + 1):
-        pool = train if step <= cfg.steps else turns[(step - cfg.steps - 1) % len(turns)]
+        turn = turn_of(cfg, step)
+        pool = train if turn is None else pools[cfg.lookups[turn]]
         loss = model(**batch_of(rng.sample(pool, cfg.batch_size), embed, tokenizer.pad_token_id)).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from finetune.demo import full_config, make_tokenizer
-from finetune.pretrain_lm import LmConfig, Lookups, lookup_samples, pretrain_lm
+from finetune.pretrain_lm import LmConfig, Lookups, lookup_samples, pretrain_lm, turn_of
 from finetune.synthetic import COLOURS, KINDS, POSITIONS
 from mmchat.conversation import IGNORE_INDEX
 
@@ -57,6 +57,7 @@ def test_pretraining_runs_the_mix_then_lookups_taking_turns_with_it(tokenizer, t
     lines = []
     result = pretrain_lm(cfg, tokenizer, tmp_path / "lm", log=lines.append)
     assert [r["step"] for r in result.history] == [1, 2, 3, 4, 5]
+    assert [turn_of(cfg, step) for step in range(1, 9)] == [None, None, 0, 1, None, 0, 1, None]
     assert ("lm: steps 3-5: batches take turns: colour questions about 2-2 shapes, shape questions about 2-3 shapes, "
             "the mix") in lines
     assert (tmp_path / "lm" / "model.safetensors").is_file()

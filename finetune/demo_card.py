@@ -6,6 +6,7 @@ on single-turn questions of every type and 80% on follow-up turns; the card says
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 
 from finetune.synthetic_text import FOLLOW_UP
@@ -154,10 +155,13 @@ def card_text(cfg, info: dict) -> str:
     places_tokens = ", and `<cell0>`..`<cell8>`, the grid's places" if lm.cell_places else ""
     places_sum = (", plus its place token's: rotary positions tell how far back a cell is, not which cell"
                   if lm.cell_places else "")
-    turns = ", ".join(f"{'/'.join(k.types)} questions about {k.min_shapes}-{k.max_shapes} shapes" for k in lm.lookups)
+    rounds = Counter(lm.lookups)  # a kind listed twice takes two turns a round
+    turns = ", ".join(f"{n} of {'/'.join(k.types)} questions about {k.min_shapes}-{k.max_shapes} shapes"
+                      for k, n in rounds.items())
     lookups = (f" Then {lm.lookup_steps} more steps (learning rate warmed up and decayed again) in which batches take "
-               f"turns — {turns}, the mix — each a single question whose shape must be found among others by its kind "
-               "or colour: in the mix alone that lookup does not form (see `finetune.pretrain_lm.lookup_samples`)."
+               f"turns, a round being {turns} and 1 of the mix; each lookup record is a single question whose shape "
+               "must be found among others by its kind or colour: in the mix alone that lookup does not form (see "
+               "`finetune.pretrain_lm.lookup_samples`)."
                if lm.lookups else "")
     return f"""# mmchat demo model
 

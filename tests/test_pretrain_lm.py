@@ -1,10 +1,14 @@
-"""The LLM's text pretraining: after the mix, batches of lookups (one shape among several) take turns with it."""
+"""The LLM's text pretraining: after the mix, batches of lookups (one shape among several) take turns with it;
+each batch is computed in length-sorted parts with the whole batch's gradient."""
 from __future__ import annotations
 
 import pytest
+import torch
+from transformers import LlamaForCausalLM
 
 from finetune.demo import full_config, make_tokenizer
-from finetune.pretrain_lm import LmConfig, Lookups, lookup_samples, pretrain_lm, turn_of
+from finetune.pretrain_lm import (LmConfig, Lookups, backward, batch_of, length_parts, llama_config, lookup_samples,
+                                  pretrain_lm, samples, turn_of)
 from finetune.synthetic import COLOURS, KINDS, POSITIONS
 from mmchat.conversation import IGNORE_INDEX
 
@@ -61,3 +65,21 @@ def test_pretraining_runs_the_mix_then_lookups_taking_turns_with_it(tokenizer, t
     assert ("lm: steps 3-5: batches take turns: colour questions about 2-2 shapes, shape questions about 2-3 shapes, "
             "the mix") in lines
     assert (tmp_path / "lm" / "model.safetensors").is_file()
+
+
+def test_a_batch_in_length_sorted_parts_gives_the_whole_batch_gradient(tokenizer):
+    cfg = LmConfig(hidden=32, layers=1, heads=2, intermediate=64)
+    batch = samples(cfg, tokenizer, 3, 24)
+    parts = length_parts(batch, 300)
+    assert len(parts) > 1 and sorted(map(id, sum(parts, []))) == sorted(map(id, batch))
+    assert all(len(p) * max(len(s.input_ids) for s in p) <= 300 for p in parts if len(p) > 1)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(llama_config(cfg, tokenizer))
+    whole = model(**batch_of(batch, model.get_input_embeddings(), tokenizer.pad_token_id)).loss
+    whole.backward()
+    expected = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+    loss = backward(model, batch, tokenizer.pad_token_id, 300)
+    assert abs(loss - whole.item()) < 1e-5
+    for got, want in zip((p.grad for p in model.parameters()), expected):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)

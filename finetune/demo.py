@@ -71,9 +71,9 @@ class DemoConfig:
     threads: int = 1
     """Torch threads per process. When another process holds a core, two threads wait on each
     other (4× slower measured), so the CLIP and the LLM first train side by side on one core
-    each; the LLM, the long pole, doubles its threads when the CLIP is done (one step of the
-    full build's LLM: 0.82 s on one thread, 0.51 s on two, measured on 2 free cores), and so do
-    stages 1-2, which run alone."""
+    each; the LLM, the long pole, doubles its threads when the CLIP is done (one mix step of the
+    full build's LLM: ~0.7 s on one thread beside the CLIP, 0.38 s on two), and so do stages 1-2,
+    which run alone."""
 
     def set(self, kind: str, records: int, seed: int) -> SyntheticSet:
         return SyntheticSet(self.work / f"data-{kind}", seed, records, self.clip.image_size,

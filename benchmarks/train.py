@@ -83,9 +83,9 @@ QUICK = {"shape": LlavaShape(layers=2, image_size=224), "records": 24, "text_sca
 
 
 def run_mmchat(job: dict) -> dict:
-    """One epoch through `finetune.train`'s setup and loop (its `_finish` export is not timed)."""
+    """One epoch through `finetune.train.prepare` and `train_steps` (the final export is not timed)."""
     from finetune.build import trainable_parameters
-    from finetune.train import _loop, _setup
+    from finetune.train import prepare, train_steps
     from finetune.train_config import parse_args
 
     flags = ["--config", str(MMCHAT_CONFIG), "--model", job["checkpoint"], "--data", job["data"],
@@ -94,11 +94,11 @@ def run_mmchat(job: dict) -> dict:
              "--lora-r", str(job["lora_r"]), "--lora-alpha", str(job["lora_alpha"]), "--epochs", "1",
              "--no-tensorboard", "--no-progress", "--seed", str(job["seed"])]
     cfg = parse_args(flags + ([] if job["group_by_length"] else ["--no-group-by-length"]))
-    run = _setup(cfg)
+    run = prepare(cfg)
     loaded = rss_mb()
     reset_peak_memory("cpu")
     start = time.perf_counter()
-    _loop(run, run.total_steps)
+    train_steps(run, run.total_steps)
     seconds = time.perf_counter() - start
     run.log.close()
     history = run.log.history

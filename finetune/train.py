@@ -67,7 +67,7 @@ def seed_everything(seed: int) -> None:
 
 
 @dataclass
-class _Run:
+class Run:
     """What the training loop works with."""
 
     cfg: TrainConfig
@@ -87,17 +87,17 @@ class _Run:
 
 def train(cfg: TrainConfig) -> TrainResult:
     """Train as `cfg` says; the final mmchat checkpoint goes into --output-dir."""
-    run = _setup(cfg)
+    run = prepare(cfg)
     stop_at = min(run.total_steps, run.state.step + cfg.stop_after) if cfg.stop_after else run.total_steps
     started = time.perf_counter()
     try:
-        _loop(run, stop_at)
+        train_steps(run, stop_at)
     finally:
         run.log.close()
     return _finish(run, time.perf_counter() - started)
 
 
-def _setup(cfg: TrainConfig) -> _Run:
+def prepare(cfg: TrainConfig) -> Run:
     """Accelerator, output folder, data, model, optimizer, schedule; restored when resuming."""
     from accelerate import Accelerator
 
@@ -135,11 +135,11 @@ def _setup(cfg: TrainConfig) -> _Run:
         if resume_from is not None:
             say(f"resumed from {resume_from}: step {state.step}, epoch {state.epoch}, batch {state.batch}")
     log = TrainLog(Path(cfg.output_dir), state.step if resume_from else None, cfg.tensorboard, main)
-    return _Run(cfg, accelerator, built, loss_module, optimizer, scheduler, sampler, loader, index, total_steps,
+    return Run(cfg, accelerator, built, loss_module, optimizer, scheduler, sampler, loader, index, total_steps,
                 state, log)
 
 
-def _loop(run: _Run, stop_at: int) -> None:
+def train_steps(run: Run, stop_at: int) -> None:
     """Optimizer steps until `stop_at`, epoch after epoch, from the state's data position."""
     cfg, state, main = run.cfg, run.state, run.accelerator.is_main_process
     params = list(trainable_parameters(run.built.model).values())
@@ -169,13 +169,13 @@ def _loop(run: _Run, stop_at: int) -> None:
             del batches  # stops its worker processes
 
 
-def _save(run: _Run) -> None:
+def _save(run: Run) -> None:
     saved = save_training_checkpoint(run.accelerator, run.cfg, run.state, run.built, run.optimizer, run.scheduler)
     if run.accelerator.is_main_process:
         say(f"checkpoint: {saved}")
 
 
-def _finish(run: _Run, seconds: float) -> TrainResult:
+def _finish(run: Run, seconds: float) -> TrainResult:
     """A checkpoint when stopped early, else the final model; the plot and the run's summary."""
     cfg, state, out, main = run.cfg, run.state, Path(run.cfg.output_dir), run.accelerator.is_main_process
     finished = state.step >= run.total_steps

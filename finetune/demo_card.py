@@ -104,6 +104,11 @@ def read_log(folder: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
 
 
+def _round(phase) -> str:
+    """A phase's round of turns ("2 of colour questions about 2-3 shapes, 1 of ..."): a kind listed twice takes two."""
+    return ", ".join(f"{n} of {k.describe()}" for k, n in Counter(phase.lookups).items())
+
+
 def write_card(cfg, info: dict) -> Path:
     """README.md, learning_curves.png and build.json into `cfg.out`."""
     out = Path(cfg.out)
@@ -155,14 +160,13 @@ def card_text(cfg, info: dict) -> str:
     places_tokens = ", and `<cell0>`..`<cell8>`, the grid's places" if lm.cell_places else ""
     places_sum = (", plus its place token's: rotary positions tell how far back a cell is, not which cell"
                   if lm.cell_places else "")
-    rounds = Counter(lm.lookups)  # a kind listed twice takes two turns a round
-    turns = ", ".join(f"{n} of {'/'.join(k.types)} questions about {k.min_shapes}-{k.max_shapes} shapes"
-                      for k, n in rounds.items())
-    lookups = (f" Then {lm.lookup_steps} more steps (learning rate warmed up and decayed again) in which batches take "
-               f"turns, a round being {turns} and 1 of the mix; each lookup record is a single question whose shape "
-               "must be found among others by its kind or colour: in the mix alone that lookup does not form (see "
-               "`finetune.pretrain_lm.lookup_samples`)."
-               if lm.lookups else "")
+    lookups = "".join(
+        f" Then {phase.steps} more steps (learning rate warmed up and decayed again) in which batches take turns, "
+        f"a round being {_round(phase)} and 1 of the mix." for phase in lm.turns)
+    if lm.turns:
+        lookups += (" Each lookup record is a single question about a scene of several shapes: one to find by its "
+                    "kind or colour, or whether one of a given colour and kind is there. In the mix alone these "
+                    "lookups do not form (see `finetune.lm_records.lookup_samples`).")
     return f"""# mmchat demo model
 
 A tiny LLaVA-1.5-style model that mmchat builds from nothing on a CPU: it answers questions about

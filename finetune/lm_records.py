@@ -119,8 +119,10 @@ def samples(cfg: LmConfig, tokenizer, seed: int, count: int) -> list[Sample]:
 
 
 def lookup_samples(cfg: LmConfig, lookups: Lookups, tokenizer, seed: int, count: int) -> list[Sample]:
-    """`count` one-question records, each about one shape to be found among two or three by its
-    kind or colour ("What colour is the circle?", "What shape is the red one?", "Where is the circle?").
+    """`count` one-question records about scenes of `lookups.min_shapes` to `max_shapes` shapes: one
+    shape to be found by its kind or colour ("What colour is the circle?", "What shape is the red
+    one?", "Where is the circle?"), or whether one of a given colour and kind is there ("Is there a
+    blue square?", half "no", half of those with a blue shape or a square there).
 
     In the mix alone this lookup does not form. In the 4400-step mix-trained LLM the answer position
     gives the question's kind word 0-4% of its attention, and the asked-about and the other shape's
@@ -172,5 +174,3 @@ def lookup_samples(cfg: LmConfig, lookups: Lookups, tokenizer, seed: int, count:
         out.append(Sample(r.input_ids, r.labels, [k for k, m in enumerate(r.image_mask) if m],
                           cell_words(scene, tokenizer, cfg.cell_places)))
     return out
-
-

@@ -58,7 +58,7 @@ class LmConfig:
     hard part, is learnt only from answers (measured: much slower when diluted)."""
     turns: tuple[Turns, ...] = ()
     """Phases after `steps` of the mix, one after the other, in which lookup batches take turns
-    with the mix's. See `lookup_samples` for why."""
+    with the mix's. See `finetune.lm_records.lookup_samples` for why."""
     steps: int = 1500
     """Steps of the mix alone."""
     batch_size: int = 32

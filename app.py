@@ -4,8 +4,8 @@
     python app.py --model CKPT --load-in 4bit       # an mmchat checkpoint, LLaVA folder or hub id
     MMCHAT_MODEL=llava-hf/llava-1.5-7b-hf python app.py    # the same, as a Space configures it
 
-This file is the view: it lays out the page and turns clicks into calls on `mmchat.sessions`.
-Flags live in `mmchat.serve_config`, model loading in `mmchat.served_model`.
+This file is the view: it lays out the page and turns clicks into calls on `mmchat.serving.sessions`.
+Flags live in `mmchat.serving.config`, model loading in `mmchat.serving.loaded_model`.
 """
 from __future__ import annotations
 
@@ -17,11 +17,11 @@ from types import SimpleNamespace
 
 import gradio as gr
 
-from mmchat.examples import EXAMPLES, example_path
+from mmchat.serving.examples import EXAMPLES, example_path
 from mmchat.generate import GenerationConfig
-from mmchat.serve_config import parse_args
-from mmchat.served_model import ServedModel, load_served_model
-from mmchat.sessions import Busy, Conversation, SessionPool, Turn
+from mmchat.serving.config import parse_args
+from mmchat.serving.loaded_model import ServedModel, load_served_model
+from mmchat.serving.sessions import Busy, Conversation, SessionPool, Turn
 from mmchat.templates import TEMPLATES
 
 INTRO = ("# mmchat\nChat about images with a LLaVA-1.5-style model. Attach an image with the clip, "

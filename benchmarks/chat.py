@@ -104,7 +104,7 @@ def run_reference(job: dict) -> list[dict]:
     from mmchat.conversation import Message, render
     from mmchat.image import preprocess
     from mmchat.model import LoadOptions, quantization_config
-    from mmchat.config import ModelConfig
+    from mmchat.checkpoint import read_config
     from mmchat.templates import get_template
 
     options = LoadOptions(job["precision"], job["device"])
@@ -117,7 +117,7 @@ def run_reference(job: dict) -> list[dict]:
         job["folder"], quantization_config=quant, dtype=options.compute_dtype,
         device_map={"": options.device}).eval()
     tokenizer = AutoTokenizer.from_pretrained(job["folder"])
-    vision_cfg = ModelConfig.load(Path(job["checkpoint"])).vision  # LLaVA-1.5's pad-to-square preprocessing
+    vision_cfg = read_config(Path(job["checkpoint"])).vision  # LLaVA-1.5's pad-to-square preprocessing
     template, slots = get_template("llava_v1"), model.config.image_seq_length
     image_id = model.config.image_token_index
 

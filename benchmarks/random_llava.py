@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 
+from mmchat.templates import IMAGE_TOKEN
+
 SPECIALS = ["<unk>", "<s>", "</s>", "<pad>"]
 
 
@@ -55,7 +57,7 @@ def train_tokenizer(out: Path, vocab: int, seed: int = 0):
     tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=vocab - 1, special_tokens=SPECIALS, show_progress=False))
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
                                    pad_token="<pad>", model_max_length=4096)
-    fast.add_tokens(["<image>"], special_tokens=True)
+    fast.add_tokens([IMAGE_TOKEN], special_tokens=True)
     fast.save_pretrained(out)
     return fast, lexicon
 
@@ -75,7 +77,7 @@ def build_llava_hf(out: Path, shape: LlavaShape, seed: int = 0) -> list[str]:
         num_attention_heads=max(1, shape.vision_width // 64), image_size=shape.image_size, patch_size=shape.patch,
         hidden_act="quick_gelu", projection_dim=shape.vision_width,
     )
-    config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+    config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
                          image_seq_length=(shape.image_size // shape.patch) ** 2, vision_feature_layer=-2,
                          vision_feature_select_strategy="default")
     torch.manual_seed(seed)

@@ -8,7 +8,7 @@ the same synthetic records, whose lengths spread like LLaVA-1.5's 665K mix (`ben
 for one epoch at the same batch size, LoRA config (every linear layer of the LLM, plus the
 projector), dtype and gradient checkpointing:
 
-- mmchat: `finetune.qlora`'s own config path (`--config finetune/configs/tiny-instruct.yaml` plus
+- mmchat: `finetune.qlora`'s own config path (`--config tests/configs/tiny-instruct.yaml` plus
   flags), 4-bit NF4 + LoRA, length-grouped batches, logits only at answer positions.
 - plain: `LlavaForConditionalGeneration` loaded 4-bit by transformers (vision tower and projector
   kept unquantized, as LLaVA's loader does), `prepare_model_for_kbit_training` + `get_peft_model`,
@@ -36,7 +36,7 @@ from benchmarks.random_llava import LlavaShape
 ENGINES = ("plain", "mmchat", "mmchat-no-grouping")
 LLAMA_LINEARS = r"model\.language_model\.layers\.\d+\.(self_attn|mlp)\.(q|k|v|o|gate|up|down)_proj"
 """The plain loop's LoRA targets: every linear layer of the LLM (CLIP has q/k/v_proj too)."""
-MMCHAT_CONFIG = Path(__file__).resolve().parents[1] / "finetune" / "configs" / "tiny-instruct.yaml"
+MMCHAT_CONFIG = Path(__file__).resolve().parents[1] / "tests" / "configs" / "tiny-instruct.yaml"
 
 
 @dataclass
@@ -117,8 +117,8 @@ def run_plain(job: dict) -> dict:
     from transformers import AutoTokenizer, BitsAndBytesConfig, LlavaForConditionalGeneration
 
     from finetune.batching import collate
-    from finetune.dataset import LlavaDataset, RenderSettings, read_records
-    from mmchat.config import ModelConfig
+    from finetune.data.dataset import LlavaDataset, RenderSettings, read_records
+    from mmchat.checkpoint import read_config
     from mmchat.templates import get_template
 
     torch.manual_seed(job["seed"])
@@ -140,7 +140,7 @@ def run_plain(job: dict) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(job["folder"])
     settings = RenderSettings(tokenizer, get_template("llava_v1"), model.config.image_seq_length,
                               model.config.image_token_index, job["max_length"])
-    vision = ModelConfig.load(Path(job["checkpoint"])).vision  # LLaVA-1.5's pad-to-square preprocessing
+    vision = read_config(Path(job["checkpoint"])).vision  # LLaVA-1.5's pad-to-square preprocessing
     dataset = LlavaDataset(read_records(Path(job["data"])), settings, vision, Path(job["image_root"]))
     loader = DataLoader(dataset, batch_size=job["batch_size"], shuffle=False,
                         collate_fn=partial(collate, pad_id=tokenizer.pad_token_id))
@@ -189,8 +189,8 @@ def _write_data(cfg: TrainBenchConfig, work: Path, lexicon: list[str]) -> tuple[
 
     from benchmarks.llava_mix import draw_images, make_records, tokens_per_word
     from finetune.batching import global_batches, padding_fraction
-    from finetune.dataset import RenderSettings, render_record, truncate
-    from mmchat.templates import get_template
+    from finetune.data.dataset import RenderSettings, render_record, truncate
+    from mmchat.templates import IMAGE_TOKEN, get_template
 
     tokenizer = AutoTokenizer.from_pretrained(work / "llava-hf")
     images = draw_images(work / "images", seed=cfg.seed)
@@ -199,7 +199,7 @@ def _write_data(cfg: TrainBenchConfig, work: Path, lexicon: list[str]) -> tuple[
     data = work / "data.json"
     data.write_text(json.dumps(records))
     slots = (cfg.shape.image_size // cfg.shape.patch) ** 2
-    settings = RenderSettings(tokenizer, get_template("llava_v1"), slots, tokenizer.convert_tokens_to_ids("<image>"),
+    settings = RenderSettings(tokenizer, get_template("llava_v1"), slots, tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
                               cfg.max_length)
     large = make_records(cfg.sampler_records, lexicon, images, per_word, cfg.text_scale, cfg.seed + 1)
     lengths = np.array([len(truncate(render_record(r, settings), cfg.max_length, slots)) for r in large])

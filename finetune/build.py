@@ -16,9 +16,9 @@ from safetensors.torch import load_file
 from torch import nn
 
 from finetune.train_config import ALL_LINEAR, ConfigError, TrainConfig
-from mmchat.checkpoint import PROJECTOR_FILE, is_checkpoint
+from mmchat.checkpoint import PROJECTOR_FILE, is_checkpoint, read_config, resolve_path
 from mmchat.config import ModelConfig, ProjectorConfig, VisionConfig
-from mmchat.model import LoadOptions, MultimodalModel, load_llm, load_tokenizer, resolve_path
+from mmchat.model import LoadOptions, MultimodalModel, load_llm, load_tokenizer
 from mmchat.projector import build_projector
 from mmchat.vision import OPEN_CLIP_CONFIG, VISION_DIR, feature_width, load_vision_tower
 
@@ -68,7 +68,7 @@ def _from_checkpoint(cfg: TrainConfig):
     if not is_checkpoint(ckpt):
         raise ConfigError(f"--model {ckpt} is not an mmchat checkpoint (no mmchat.json); convert a LLaVA "
                           "folder with `python -m mmchat.convert SRC DST`, or start from parts with --llm")
-    config = ModelConfig.load(ckpt)
+    config = read_config(ckpt)
     vision = load_vision_tower(config.vision, ckpt)
     vision_cfg = vision_model_cfg(ckpt) if config.vision.pretrained is None else None
     projector = read_projector(Path(cfg.projector) if cfg.projector else ckpt / PROJECTOR_FILE)
@@ -80,7 +80,7 @@ def _from_checkpoint(cfg: TrainConfig):
 def _from_parts(cfg: TrainConfig):
     source = Path(cfg.vision)
     if is_checkpoint(source):  # reuse another checkpoint's tower with its settings
-        vision_config = ModelConfig.load(source).vision
+        vision_config = read_config(source).vision
         vision = load_vision_tower(vision_config, source)
         vision_cfg = vision_model_cfg(source) if vision_config.pretrained is None else None
     else:

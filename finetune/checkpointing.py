@@ -25,13 +25,19 @@ from safetensors.torch import load_file
 
 from finetune.build import Built
 from finetune.train_config import RESUME_SAFE, ConfigError, TrainConfig, flag
-from mmchat.checkpoint import PROJECTOR_FILE, replace_dir, save_checkpoint
-from mmchat.config import CONFIG_FILE
+from mmchat.checkpoint import (
+    ADAPTER_DIR,
+    CONFIG_FILE,
+    LLM_DIR,
+    PROJECTOR_FILE,
+    TOKENIZER_DIR,
+    replace_dir,
+    save_checkpoint,
+)
 
 CHECKPOINTS = "checkpoints"
 MODEL_DIR = "model"
 STATE_FILE = "trainer_state.json"
-ADAPTER_DIR, TOKENIZER_DIR, LLM_DIR = "adapter", "tokenizer", "llm"
 PREVIOUS_RUN = (CHECKPOINTS, "train_log.jsonl", "tensorboard", CONFIG_FILE)
 """What marks a folder as holding a previous run (and what --overwrite removes)."""
 

@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from finetune.vqa_metrics import Pope, answer_type, is_yes_no, question_type, vqa_accuracy
 from mmchat.config import LOAD_IN
+from mmchat.templates import IMAGE_TOKEN
 
 HISTORIES = ("reference", "model")
 
@@ -39,7 +40,7 @@ class EvalConfig:
     data: Path
     """LLaVA-format JSON or JSONL (e.g. written by `python -m finetune.data build`)."""
     image_root: Path | None = None
-    load_in: str = "4bit"
+    load_in: str | None = None
     device: str | None = None
     max_new_tokens: int = 64
     limit: int | None = None
@@ -53,7 +54,7 @@ class EvalConfig:
 
     def __post_init__(self) -> None:
         self.data = Path(self.data)
-        if self.load_in not in LOAD_IN:
+        if self.load_in is not None and self.load_in not in LOAD_IN:
             raise ValueError(f"--load-in {self.load_in!r}: choose one of {', '.join(LOAD_IN)}")
         if self.history not in HISTORIES:
             raise ValueError(f"--history {self.history!r}: choose one of {', '.join(HISTORIES)}")
@@ -74,13 +75,13 @@ class Question:
 
 def questions_of(record: dict, position: int) -> list[Question]:
     """The record's (question, references) pairs in order; `type` from the data or the wording."""
-    from finetune.dataset import record_id
+    from finetune.data.dataset import record_id
 
     out = []
     turns = record["conversations"]
     for i in range(0, len(turns) - 1, 2):
         human, gpt = turns[i], turns[i + 1]
-        text = human["value"].replace("<image>", "").strip()
+        text = human["value"].replace(IMAGE_TOKEN, "").strip()
         references = [str(a) for a in gpt.get("answers") or [gpt["value"]]]
         out.append(Question(record_id(record, position), i // 2, str(human.get("type") or question_type(text)),
                             text, references))
@@ -89,9 +90,9 @@ def questions_of(record: dict, position: int) -> list[Question]:
 
 def evaluate(cfg: EvalConfig) -> dict:
     """Answer every question of `cfg.data` greedily; the report as a dict (what --json prints)."""
-    from finetune.dataset import check_images, read_records
+    from finetune.data.dataset import check_images, read_records
     from mmchat.chat import ChatSession
-    from mmchat.checkpoint import resolve_checkpoint
+    from mmchat.convert import resolve_checkpoint
     from mmchat.conversation import ASSISTANT, Message, messages_from_llava
     from mmchat.generate import GenerationConfig
     from mmchat.model import LoadOptions, load_model
@@ -99,7 +100,8 @@ def evaluate(cfg: EvalConfig) -> dict:
     store = read_records(cfg.data, cfg.progress)
     check_images(store, cfg.image_root, cfg.progress)
     count = min(len(store), cfg.limit or len(store))
-    model = load_model(resolve_checkpoint(cfg.model), LoadOptions(cfg.load_in, cfg.device))
+    options = LoadOptions(cfg.load_in, cfg.device)
+    model = load_model(resolve_checkpoint(cfg.model), options)
     gen = GenerationConfig(max_new_tokens=cfg.max_new_tokens, temperature=0.0)
     root = cfg.image_root or Path("/")
     total = sum(len(store[i]["conversations"]) // 2 for i in range(count))
@@ -121,7 +123,7 @@ def evaluate(cfg: EvalConfig) -> dict:
     seconds = time.perf_counter() - started
     if cfg.predictions:
         cfg.predictions.write_text("".join(json.dumps(q.__dict__) + "\n" for q in done))
-    return report(done, {"model": str(cfg.model), "data": str(cfg.data), "load_in": cfg.load_in, "records": count,
+    return report(done, {"model": str(cfg.model), "data": str(cfg.data), "load_in": options.load_in, "records": count,
                          "history": cfg.history, "seconds": round(seconds, 1)})
 
 
@@ -167,7 +169,7 @@ def parse_args(argv: list[str] | None = None) -> EvalConfig:
     p.add_argument("--model", required=True, help="mmchat checkpoint folder (or a LLaVA folder / hub id)")
     p.add_argument("--data", required=True, type=Path, help="LLaVA-format JSON or JSONL with reference answers")
     p.add_argument("--image-root", type=Path, default=None, help="folder that record image paths are relative to")
-    p.add_argument("--load-in", choices=LOAD_IN, default="4bit", help="LLM weights (default: %(default)s)")
+    p.add_argument("--load-in", choices=LOAD_IN, help="LLM weights (default: 4bit on a GPU, 32bit on a CPU)")
     p.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda when available)")
     p.add_argument("--max-new-tokens", type=int, default=64, help="answer length limit (default: %(default)s)")
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N records")

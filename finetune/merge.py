@@ -15,12 +15,9 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from safetensors.torch import load_file
-
 from finetune.build import vision_model_cfg
-from mmchat.checkpoint import PROJECTOR_FILE, save_checkpoint
-from mmchat.config import ModelConfig
-from mmchat.model import LoadOptions, load_llm, load_tokenizer, resolve_path
+from mmchat.checkpoint import LLM_DIR, read_config, read_projector_state, resolve_path, save_checkpoint
+from mmchat.model import LoadOptions, load_llm, load_tokenizer
 from mmchat.projector import build_projector
 from mmchat.vision import load_vision_tower
 
@@ -57,17 +54,17 @@ class MergeArgs:
 def merge(args: MergeArgs) -> Path:
     """Base LLM (un-quantised) + adapter -> merged LLM, saved with the projector, tokenizer and vision."""
     src = args.model
-    config = ModelConfig.load(src)
+    config = read_config(src)
     if not config.adapter:
         raise MergeError(f"{src} has no LoRA adapter to merge (its mmchat.json names none); it is standalone already")
     llm = load_llm(resolve_path(src, config.llm), LoadOptions(DTYPES[args.dtype], args.device),
                    adapter=resolve_path(src, config.adapter))
     llm = llm.merge_and_unload()
     projector = build_projector(config.projector)
-    projector.load_state_dict(load_file(str(src / PROJECTOR_FILE)))
+    projector.load_state_dict(read_projector_state(src))
     own_vision = config.vision.pretrained is None
     merged = copy.deepcopy(config)
-    merged.llm, merged.tokenizer, merged.adapter = "llm", "llm", None
+    merged.llm, merged.tokenizer, merged.adapter = LLM_DIR, LLM_DIR, None
     return save_checkpoint(
         args.out, merged, projector, load_tokenizer(resolve_path(src, config.tokenizer)), llm=llm,
         vision=load_vision_tower(config.vision, src) if own_vision else None,

@@ -30,8 +30,8 @@ from finetune.checkpointing import (
     TrainState, export_model, latest_checkpoint, load_training_checkpoint, prepare_output_dir,
     save_training_checkpoint,
 )
-from finetune.data_io import DataError
-from finetune.dataset import (
+from finetune.data.io import DataError
+from finetune.data.dataset import (
     DataIndex, LlavaDataset, RecordStore, RenderSettings, check_images, load_or_build_index, read_records, record_id,
 )
 from finetune.objective import AnswerLoss

@@ -18,12 +18,14 @@ from pathlib import Path
 
 import yaml
 
+from mmchat.config import LOAD_IN as MODEL_LOAD_IN
+from mmchat.config import PROJECTOR_TYPES
+
 STAGES = ("align", "instruct", "full")
-LOAD_IN = ("auto", "4bit", "8bit", "16bit", "32bit")
+LOAD_IN = ("auto", *MODEL_LOAD_IN)
 OPTIMIZERS = ("auto", "adamw", "adamw_8bit", "paged_adamw_8bit")
 SCHEDULERS = ("cosine", "linear", "constant")
 PRECISIONS = ("auto", "bf16", "fp32")
-PROJECTOR_TYPES = ("linear", "mlp2x_gelu")
 ALL_LINEAR = "all-linear"
 
 # Keys a resumed run may change; every other key must match the checkpoint's run.

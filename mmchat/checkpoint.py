@@ -1,4 +1,4 @@
-"""The mmchat checkpoint folder, written atomically.
+"""The mmchat checkpoint folder: its file names, reading and writing it, and writes that land whole.
 
     mmchat.json             typed ModelConfig
     projector.safetensors   projector weights (LLaVA `mm_projector` names: `0.*`, `2.*` or `weight`/`bias`)
@@ -6,21 +6,112 @@
     llm/                    a transformers model folder with its tokenizer (or only a tokenizer
                             when `llm` names a base model and `adapter/` holds a PEFT LoRA adapter)
     adapter/                optional PEFT adapter
+
+Every writer here (and every other file mmchat writes that a reader may see half-done: datasets,
+plots, training checkpoints) goes through `atomic_dir` / `atomic_file`: the new content is
+built beside the target and renamed into place, so an interrupted run leaves the old one intact.
 """
 from __future__ import annotations
 
-import hashlib
+import json
 import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 
-from mmchat.config import CONFIG_FILE, ModelConfig
+from mmchat.config import ModelConfig
 from mmchat.vision import save_vision_tower
 
+CONFIG_FILE = "mmchat.json"
 PROJECTOR_FILE = "projector.safetensors"
+LLM_DIR, TOKENIZER_DIR, ADAPTER_DIR = "llm", "tokenizer", "adapter"
+
+
+# ---------------------------------------------------------------- writes that land whole
+
+
+@contextmanager
+def atomic_dir(target: str | Path) -> Iterator[Path]:
+    """Yield an empty hidden folder beside `target`; on success it replaces `target`, on error it
+    is removed and `target` is untouched."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    replace_dir(tmp, target)
+
+
+@contextmanager
+def atomic_file(target: str | Path) -> Iterator[Path]:
+    """Yield a hidden path beside `target` (same suffix, so writers that pick a format by it still
+    do); on success it replaces `target` in one rename, on error it is deleted."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.stem}.tmp-{os.getpid()}{target.suffix}")
+    try:
+        yield tmp
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    os.replace(tmp, target)
+
+
+def replace_dir(new: Path, target: Path) -> None:
+    """Move `new` to `target`; an existing `target` is swapped out only once `new` is complete."""
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        target.rename(old)
+        new.rename(target)
+        shutil.rmtree(old)
+    else:
+        new.rename(target)
+
+
+# ---------------------------------------------------------------- reading
+
+
+def is_checkpoint(path: str | Path) -> bool:
+    return (Path(path) / CONFIG_FILE).is_file()
+
+
+def read_config(folder: str | Path) -> ModelConfig:
+    path = Path(folder) / CONFIG_FILE
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{folder} has no {CONFIG_FILE}: not an mmchat checkpoint; "
+            f"convert a LLaVA folder first with `python -m mmchat.convert SRC DST`"
+        )
+    try:
+        return ModelConfig.from_dict(json.loads(path.read_text()))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); restore it or re-convert the checkpoint") from None
+
+
+def read_projector_state(folder: str | Path) -> dict:
+    return load_file(str(Path(folder) / PROJECTOR_FILE))
+
+
+def resolve_path(checkpoint: str | Path, ref: str) -> str:
+    """A reference inside a checkpoint (relative folder) or outside it (absolute path / hub id)."""
+    local = Path(checkpoint) / ref
+    return str(local) if local.exists() else ref
+
+
+# ---------------------------------------------------------------- writing
+
+
+def write_config(config: ModelConfig, folder: str | Path) -> None:
+    (Path(folder) / CONFIG_FILE).write_text(json.dumps(config.to_dict(), indent=2) + "\n")
 
 
 def save_projector(projector: nn.Module, path: Path) -> None:
@@ -38,56 +129,23 @@ def save_checkpoint(
     vision_model_cfg: dict | None = None,
     adapter_model: nn.Module | None = None,
 ) -> Path:
-    """Write a checkpoint into a temporary folder beside `out`, then rename it into place.
+    """Write a checkpoint at `out`, atomically.
 
     `llm` is saved as a standard transformers folder under `llm/`; `adapter_model` (a PEFT
     model) saves only its adapter under `adapter/`. `vision` is saved when the config has no
     pretrained tag.
     """
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    save_projector(projector, tmp / PROJECTOR_FILE)
-    if config.vision.pretrained is None:
-        if vision is None or vision_model_cfg is None:
-            raise ValueError("a checkpoint without a pretrained vision tag must include the vision tower and its open_clip config")
-        save_vision_tower(vision, vision_model_cfg, tmp)
-    if llm is not None:
-        llm.save_pretrained(tmp / config.llm)
-    tokenizer.save_pretrained(tmp / config.tokenizer)
-    if adapter_model is not None:
-        adapter_model.save_pretrained(tmp / (config.adapter or "adapter"))
-    config.save(tmp)
-    replace_dir(tmp, out)
-    return out
-
-
-def replace_dir(new: Path, target: Path) -> None:
-    """Move `new` to `target`; an existing `target` is swapped out only once `new` is complete."""
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
-        target.rename(old)
-        new.rename(target)
-        shutil.rmtree(old)
-    else:
-        new.rename(target)
-
-
-def is_checkpoint(path: str | Path) -> bool:
-    return (Path(path) / CONFIG_FILE).is_file()
-
-
-def resolve_checkpoint(source: str | Path, cache_dir: str | Path | None = None) -> Path:
-    """An mmchat checkpoint for `source`: itself, or a LLaVA folder / hub id converted once into a cache."""
-    if is_checkpoint(source):
-        return Path(source)
-    from mmchat.convert import to_mmchat
-
-    cache = Path(cache_dir or os.environ.get("MMCHAT_CACHE", Path.home() / ".cache" / "mmchat")) / "converted"
-    key = str(Path(source).resolve()) if Path(source).exists() else str(source)
-    out = cache / (Path(key).name + "-" + hashlib.sha1(key.encode()).hexdigest()[:10])
-    if not is_checkpoint(out):
-        to_mmchat(str(source), out)
+    if config.vision.pretrained is None and (vision is None or vision_model_cfg is None):
+        raise ValueError("a checkpoint without a pretrained vision tag must include the vision tower and its open_clip config")
+    with atomic_dir(out) as tmp:
+        save_projector(projector, tmp / PROJECTOR_FILE)
+        if config.vision.pretrained is None:
+            save_vision_tower(vision, vision_model_cfg, tmp)
+        if llm is not None:
+            llm.save_pretrained(tmp / config.llm)
+        tokenizer.save_pretrained(tmp / config.tokenizer)
+        if adapter_model is not None:
+            adapter_model.save_pretrained(tmp / (config.adapter or ADAPTER_DIR))
+        write_config(config, tmp)  # last: only a complete folder has it
     return out

@@ -24,7 +24,7 @@ class CliArgs:
     image: str | None = None
     prompt: list[str] = field(default_factory=list)
     """One user turn each, in order; none reads turns from stdin."""
-    load_in: str = "4bit"
+    load_in: str | None = None
     device: str | None = None
     template: str | None = None
     json: bool = False
@@ -41,7 +41,7 @@ def parse_args(argv: list[str] | None = None) -> CliArgs:
     p.add_argument("--top-p", type=float, default=0.7)
     p.add_argument("--repetition-penalty", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=None, help="sampling seed, for reproducible answers")
-    p.add_argument("--load-in", choices=LOAD_IN, default="4bit", help="LLM weight precision (default: %(default)s)")
+    p.add_argument("--load-in", choices=LOAD_IN, help="LLM weight precision (default: 4bit on a GPU, 32bit on a CPU)")
     p.add_argument("--template", choices=sorted(TEMPLATES), help="conversation template (default: the checkpoint's)")
     p.add_argument("--device", help="cuda, cuda:N or cpu (default: cuda when available)")
     p.add_argument("--json", action="store_true", help='print only {"answers": [...]} on stdout')
@@ -55,7 +55,7 @@ def parse_args(argv: list[str] | None = None) -> CliArgs:
 
 def run(args: CliArgs) -> int:
     from mmchat.chat import ChatSession
-    from mmchat.checkpoint import resolve_checkpoint
+    from mmchat.convert import resolve_checkpoint
     from mmchat.image import load_image
     from mmchat.model import LoadOptions, load_model
 

@@ -1,11 +1,7 @@
 """Typed configuration of an mmchat model, saved as `mmchat.json` beside the weights."""
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field, fields
-from pathlib import Path
-
-CONFIG_FILE = "mmchat.json"
 
 # OpenAI CLIP's normalisation; LLaVA pads with this mean as an 8-bit colour, (122, 116, 104).
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -73,7 +69,7 @@ class ModelConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ValueError(f"unknown keys in {CONFIG_FILE}: {unknown}")
+            raise ValueError(f"unknown keys in the model config: {unknown}")
         data = dict(data)
         data["vision"] = VisionConfig(**data.get("vision", {}))
         data["projector"] = ProjectorConfig(**data.get("projector", {}))
@@ -81,16 +77,3 @@ class ModelConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-    def save(self, folder: Path) -> None:
-        (Path(folder) / CONFIG_FILE).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
-
-    @classmethod
-    def load(cls, folder: Path) -> "ModelConfig":
-        path = Path(folder) / CONFIG_FILE
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"{folder} has no {CONFIG_FILE}: not an mmchat checkpoint; "
-                f"convert a LLaVA folder first with `python -m mmchat.convert SRC DST`"
-            )
-        return cls.from_dict(json.loads(path.read_text()))

@@ -7,12 +7,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from mmchat.templates import ANSWER, IMAGE, Segment, Template, segments
+from mmchat.templates import ANSWER, ASSISTANT, IMAGE, IMAGE_TOKEN, USER, Segment, Template, segments
 
 IGNORE_INDEX = -100
-IMAGE_MARKER = "<image>"
-USER, ASSISTANT = "user", "assistant"
-_LLAVA_ROLES = {"human": USER, "user": USER, "gpt": ASSISTANT, "assistant": ASSISTANT}
+LLAVA_ROLES = {"human": USER, "gpt": ASSISTANT}
+"""LLaVA's data names its roles `human` / `gpt`, in the order turns alternate."""
+_ROLES = {**LLAVA_ROLES, USER: USER, ASSISTANT: ASSISTANT}
 
 
 @dataclass
@@ -48,14 +48,14 @@ def messages_from_llava(conversations: list[dict]) -> list[Message]:
     """
     out = []
     for i, turn in enumerate(conversations):
-        role = _LLAVA_ROLES.get(turn.get("from"))
+        role = _ROLES.get(turn.get("from"))
         if role is None:
             raise ValueError(f"turn {i}: unknown role {turn.get('from')!r}; expected 'human' or 'gpt'")
         value = turn.get("value")
         if not isinstance(value, str):
             raise ValueError(f"turn {i}: 'value' must be a string")
-        images = value.count(IMAGE_MARKER) if role == USER else 0
-        text = value.replace(IMAGE_MARKER, "").strip() if images else value
+        images = value.count(IMAGE_TOKEN) if role == USER else 0
+        text = value.replace(IMAGE_TOKEN, "").strip() if images else value
         out.append(Message(role, text, images))
     return out
 
@@ -66,7 +66,7 @@ def escape_special_text(text: str, specials: list[str]) -> str:
     A zero-width space after the first character keeps the text visible to the model while the
     tokenizer no longer matches the special token.
     """
-    for special in sorted(set(specials) | {IMAGE_MARKER}, key=len, reverse=True):
+    for special in sorted(set(specials) | {IMAGE_TOKEN}, key=len, reverse=True):
         if len(special) > 1 and special in text:
             text = text.replace(special, special[0] + "\u200b" + special[1:])
     return text

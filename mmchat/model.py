@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from mmchat.checkpoint import read_config, read_projector_state, resolve_path
 from mmchat.config import LOAD_IN, ModelConfig
 from mmchat.projector import build_projector
 from mmchat.vision import image_features, load_vision_tower, num_image_tokens
@@ -14,18 +15,22 @@ from mmchat.vision import image_features, load_vision_tower, num_image_tokens
 
 @dataclass
 class LoadOptions:
-    load_in: str = "4bit"
-    """4bit (NF4, double quant), 8bit, 16bit (bf16) or 32bit weights for the LLM."""
+    load_in: str | None = None
+    """4bit (NF4, double quant), 8bit, 16bit (bf16) or 32bit weights for the LLM. None picks
+    4bit on a GPU and 32bit on a CPU, where bitsandbytes' 4-bit matmuls are slower than plain
+    float32 and memory is rarely the limit (the CLI, the app and `finetune.eval` all use this rule)."""
     device: str | None = None
     """cuda, cuda:N or cpu; None picks cuda when available."""
 
     def __post_init__(self) -> None:
-        if self.load_in not in LOAD_IN:
-            raise ValueError(f"--load-in {self.load_in!r}: choose one of {', '.join(LOAD_IN)}")
         if self.device is None:
             self.device = "cuda" if torch.cuda.is_available() else "cpu"
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError(f"--device {self.device}: no CUDA GPU is visible; use --device cpu")
+        if self.load_in is None:
+            self.load_in = "32bit" if torch.device(self.device).type == "cpu" else "4bit"
+        if self.load_in not in LOAD_IN:
+            raise ValueError(f"--load-in {self.load_in!r}: choose one of {', '.join(LOAD_IN)}")
 
     @property
     def compute_dtype(self) -> torch.dtype:
@@ -103,12 +108,6 @@ def quantization_config(options: LoadOptions):
     return None
 
 
-def resolve_path(checkpoint: Path, ref: str) -> str:
-    """A reference inside a checkpoint (relative folder) or outside it (absolute path / hub id)."""
-    local = Path(checkpoint) / ref
-    return str(local) if local.exists() else ref
-
-
 def load_llm(path: str, options: LoadOptions, adapter: str | None = None, trainable: bool = False):
     """A transformers causal LM at `options.load_in` precision, with an optional PEFT adapter."""
     from transformers import AutoModelForCausalLM
@@ -135,14 +134,12 @@ def load_tokenizer(path: str):
 
 def load_model(checkpoint: str | Path, options: LoadOptions | None = None) -> MultimodalModel:
     """Load an mmchat checkpoint folder (see `mmchat.checkpoint`) for inference."""
-    from safetensors.torch import load_file
-
     options = options or LoadOptions()
     checkpoint = Path(checkpoint)
-    config = ModelConfig.load(checkpoint)
+    config = read_config(checkpoint)
     vision = load_vision_tower(config.vision, checkpoint).to(options.device)
     projector = build_projector(config.projector)
-    projector.load_state_dict(load_file(str(checkpoint / "projector.safetensors")))
+    projector.load_state_dict(read_projector_state(checkpoint))
     projector.to(options.device, options.compute_dtype).eval().requires_grad_(False)
     adapter = resolve_path(checkpoint, config.adapter) if config.adapter else None
     llm = load_llm(resolve_path(checkpoint, config.llm), options, adapter).eval()

@@ -8,6 +8,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+IMAGE_TOKEN = "<image>"
+"""Where an image goes: in LLaVA's data and prompts, and the token llava-hf checkpoints add."""
+USER, ASSISTANT = "user", "assistant"
+
 LLAVA_SYSTEM = (
     "A chat between a curious human and an artificial intelligence assistant. "
     "The assistant gives helpful, detailed, and polite answers to the human's questions."
@@ -75,7 +79,7 @@ def _two(template: Template, messages: list, add_generation_prompt: bool) -> lis
     # LLaVA SeparatorStyle.TWO: "SYS USER: <image>\nQ ASSISTANT: A</s>USER: Q2 ASSISTANT:"
     out = [Segment(PROMPT, template.system + " ")]
     for m in messages:
-        if m.role == "user":
+        if m.role == USER:
             out += [Segment(PROMPT, "USER: ")] + _images(m.images, "\n") + [Segment(PROMPT, m.text + " ")]
         else:
             out += [Segment(PROMPT, "ASSISTANT:"), Segment(ANSWER, " " + m.text + "</s>")]
@@ -88,7 +92,7 @@ def _llama_2(template: Template, messages: list, add_generation_prompt: bool) ->
     # LLaVA SeparatorStyle.LLAMA_2: "[INST] <<SYS>>\nS\n<</SYS>>\n\n<image>\nQ [/INST] A </s><s>[INST] Q2 [/INST]"
     out: list[Segment] = []
     for i, m in enumerate(messages):
-        if m.role == "user":
+        if m.role == USER:
             head = f"[INST] <<SYS>>\n{template.system}\n<</SYS>>\n\n" if i == 0 else "<s>[INST] "
             out += [Segment(PROMPT, head)] + _images(m.images, "\n") + [Segment(PROMPT, m.text + " [/INST]")]
         else:
@@ -101,7 +105,7 @@ def _plain(messages: list) -> list[Segment]:
     # LLaVA's stage-1 `plain` format: the user's text is dropped; "<image>caption\n".
     out: list[Segment] = []
     for m in messages:
-        if m.role == "user":
+        if m.role == USER:
             out += [Segment(IMAGE)] * m.images
         else:
             out.append(Segment(ANSWER, m.text + "\n"))
@@ -110,4 +114,4 @@ def _plain(messages: list) -> list[Segment]:
 
 def prompt_text(segs: list[Segment]) -> str:
     """The rendered prompt as LLaVA writes it, `<image>` for each slot (for golden tests and logs)."""
-    return "".join("<image>" if s.kind == IMAGE else s.text for s in segs)
+    return "".join(IMAGE_TOKEN if s.kind == IMAGE else s.text for s in segs)

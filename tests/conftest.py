@@ -90,7 +90,7 @@ def colour_data(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def qlora_run(tmp_path_factory, tiny_train_checkpoint, colour_data):
-    """Stage 2 (4-bit QLoRA) trained for 40 steps with finetune/configs/tiny-instruct.yaml."""
+    """Stage 2 (4-bit QLoRA) trained for 40 steps with tests/configs/tiny-instruct.yaml."""
     from finetune.train import train
     from tiny_models import one_torch_thread, tiny_train_config
 

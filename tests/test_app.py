@@ -20,7 +20,7 @@ gradio_client = pytest.importorskip("gradio_client")
 from gradio_client import Client, handle_file  # noqa: E402
 from gradio_client.exceptions import AppError  # noqa: E402
 
-from mmchat.examples import EXAMPLES, draw, example_path  # noqa: E402
+from mmchat.serving.examples import EXAMPLES, draw, example_path  # noqa: E402
 
 RED_CIRCLE = str(example_path(EXAMPLES[0]))
 TWO_CIRCLES = str(example_path(EXAMPLES[3]))
@@ -268,8 +268,8 @@ def test_a_model_that_fails_to_load_is_explained_on_the_page(tmp_path):
 
 
 def test_missing_demo_model_says_which_model_to_pass(tmp_path, monkeypatch):
-    import mmchat.serve_config as serve_config
-    from mmchat.served_model import load_served_model
+    import mmchat.serving.config as serve_config
+    from mmchat.serving.loaded_model import load_served_model
 
     monkeypatch.setattr(serve_config, "DEMO_MODEL", tmp_path / "demo-model")
     served = load_served_model(serve_config.ServeConfig(model=str(tmp_path / "demo-model")))
@@ -281,7 +281,7 @@ def test_missing_demo_model_says_which_model_to_pass(tmp_path, monkeypatch):
 
 # -- configuration and Spaces --------------------------------------------------------------
 def test_flags_environment_and_spaces_host(capsys):
-    from mmchat.serve_config import DEMO_MODEL, parse_args
+    from mmchat.serving.config import DEMO_MODEL, parse_args
 
     c = parse_args([], {})
     assert (c.model, c.host, c.port, c.share, c.max_sessions, c.load_in) == (str(DEMO_MODEL), "127.0.0.1", 7860, False, 4, None)
@@ -309,7 +309,7 @@ def test_spaces_gpu_wraps_only_the_generation_function(monkeypatch):
     from types import SimpleNamespace
 
     import app
-    from mmchat.served_model import ServedModel
+    from mmchat.serving.loaded_model import ServedModel
 
     monkeypatch.setitem(sys.modules, "spaces", None)  # makes `import spaces` fail
     assert app.gpu_wrapper()(len) is len, "without the spaces package nothing changes"
@@ -324,5 +324,5 @@ def test_examples_are_what_the_code_draws():
         stored = np.asarray(Image.open(example_path(example)).convert("RGB"), dtype=np.int16)
         drawn = np.asarray(draw(example), dtype=np.int16)
         assert stored.shape == drawn.shape == (336, 336, 3)
-        assert np.abs(stored - drawn).max() <= 2, f"{example.name}.png is stale: run python -m mmchat.examples"
+        assert np.abs(stored - drawn).max() <= 2, f"{example.name}.png is stale: run python -m mmchat.serving.examples"
         assert example_path(example).stat().st_size < 20_000

@@ -86,7 +86,7 @@ def test_llava_mix_records_are_valid_and_spread_like_the_mix():
     import random
 
     from benchmarks.llava_mix import MIX, make_records
-    from finetune.data_check import conversation_problems
+    from finetune.data.check import conversation_problems
 
     lexicon = WORDS.split()
     records = make_records(600, lexicon, ["a.png"], tokens_per_word=1.5, seed=3)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from mmchat.examples import EXAMPLES, example_path
+from mmchat.serving.examples import EXAMPLES, example_path
 
 CHROMIUM = Path("/usr/bin/chromium")
 FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",

@@ -13,11 +13,12 @@ import pytest
 import torch
 from PIL import Image
 
-from mmchat.clip_weights import hf_to_open_clip, open_clip_to_hf
-from mmchat.config import ModelConfig
+from mmchat.convert.clip_weights import hf_to_open_clip, open_clip_to_hf
+from mmchat.checkpoint import read_config
 from mmchat.conversation import USER, Message, render
-from mmchat.convert import main, resolve_tower
-from mmchat.export_llava_hf import chat_template
+from mmchat.convert.cli import main
+from mmchat.convert.from_llava import resolve_tower
+from mmchat.convert.to_llava_hf import chat_template
 from mmchat.image import preprocess
 from mmchat.model import LoadOptions, load_model
 from mmchat.templates import get_template, prompt_text, segments
@@ -122,7 +123,7 @@ def test_llava_hf_to_mmchat(tiny_llava_hf_model, tmp_path, layout):
         checkpoint = converted(hub_layout(folder, tmp_path / "llava-1.5-tiny-hf"), tmp_path / "mmchat")
     else:
         checkpoint = converted(folder, tmp_path / "mmchat", cli=True)
-    config = ModelConfig.load(checkpoint)
+    config = read_config(checkpoint)
     assert config.image_token_id == reference.config.image_token_index
     assert (config.vision.select_layer, config.vision.select_feature, config.vision.pad_to_square) == (-2, "patch", True)
     assert config.vision.image_size == 32 and config.projector.type == "mlp2x_gelu"
@@ -142,7 +143,7 @@ def test_original_llava_to_mmchat(tiny_llava_hf_model, tiny_tokenizer_dir, tmp_p
     _, reference = tiny_llava_hf_model
     original = build_original_llava(tmp_path / "llava-v1.5-tiny", reference, tiny_tokenizer_dir, weights)
     checkpoint = converted(original, tmp_path / "mmchat")
-    config = ModelConfig.load(checkpoint)
+    config = read_config(checkpoint)
     assert config.image_token_id is None and config.vision.pretrained is None
     check_parity(checkpoint, reference)
 
@@ -208,7 +209,8 @@ def test_clip_state_round_trip():
 
 
 def test_resolve_checkpoint_converts_once(tiny_llava_hf_dir, tmp_path):
-    from mmchat.checkpoint import is_checkpoint, resolve_checkpoint
+    from mmchat.checkpoint import is_checkpoint
+    from mmchat.convert import resolve_checkpoint
 
     first = resolve_checkpoint(tiny_llava_hf_dir, cache_dir=tmp_path)
     assert is_checkpoint(first)

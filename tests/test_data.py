@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from finetune import data_check as dc
-from finetune.data import main
-from finetune.data_check import CheckConfig, check
-from finetune.data_sources import balanced_chunks, majority_answer
-from finetune.instruction_templates import BRIEF_CAPTION_INSTRUCTIONS, SHORT_ANSWER_SUFFIX
+from finetune.data import check as dc
+from finetune.data.cli import main
+from finetune.data.check import CheckConfig, check
+from finetune.data.sources import balanced_chunks, majority_answer
+from finetune.data.instructions import BRIEF_CAPTION_INSTRUCTIONS, SHORT_ANSWER_SUFFIX
 
 REPO = Path(__file__).resolve().parents[1]
 SHORT = "\n" + SHORT_ANSWER_SUFFIX
@@ -474,7 +474,7 @@ def test_build_streams_large_vqav2_files(tmp_path):
         fq.write("]}")
         fa.write("]}")
     # VmHWM (peak resident memory) starts afresh at exec; ru_maxrss would inherit pytest's.
-    code = ("import re, sys; from pathlib import Path; from finetune.data import main; rc = main(sys.argv[1:]); "
+    code = ("import re, sys; from pathlib import Path; from finetune.data.cli import main; rc = main(sys.argv[1:]); "
             "print(int(re.search(r'VmHWM:\\s*(\\d+)', Path('/proc/self/status').read_text())[1]) // 1024); "
             "sys.exit(rc)")
     out = tmp_path / "o.jsonl"

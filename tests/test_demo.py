@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from mmchat.config import ModelConfig
+from mmchat.checkpoint import read_config
 
 REPO = Path(__file__).resolve().parents[1]
 QUICK_BUDGET_S = 300
@@ -30,7 +30,7 @@ def test_quick_build_trains_from_nothing_and_beats_chance_in_4bit(tmp_path):
     for step in ("data", "tokenizer", "CLIP and LLM pretraining", "stage 1: align", "stage 2: instruct"):
         assert f"{step}" in built.stdout and " done in " in built.stdout, f"no time printed for step {step!r}"
 
-    config = ModelConfig.load(out)
+    config = read_config(out)
     assert config.llm == "llm" and config.adapter == "adapter" and config.vision.pretrained is None
     assert (out / "llm" / "config.json").is_file() and (out / "vision" / "visual.safetensors").is_file()
     assert sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) < 20 * 2**20

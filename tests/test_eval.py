@@ -73,7 +73,7 @@ def test_report_groups_scores_by_type():
 
 
 def test_cli_json_on_a_tiny_model_in_4bit(tiny_checkpoint, tmp_path, capsys):
-    from finetune.synthetic_data import SyntheticSet, write_set
+    from finetune.demo.sets import SyntheticSet, write_set
 
     data = write_set(SyntheticSet(tmp_path / "set", seed=3, records=3, image_size=32))
     predictions = tmp_path / "predictions.jsonl"

@@ -6,11 +6,11 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM
 
-from finetune.demo import full_config, make_tokenizer
-from finetune.lm_records import Lookups, lookup_samples, samples
-from finetune.pretrain_lm import (LmConfig, Turns, backward, batch_of, length_parts, llama_config, lr_factor,
+from finetune.demo.build import full_config, make_tokenizer
+from finetune.demo.lookups import Lookups, lookup_samples, samples
+from finetune.demo.pretrain_lm import (LmConfig, Turns, backward, batch_of, length_parts, llama_config, lr_factor,
                                   pretrain_lm, turn_of)
-from finetune.synthetic import COLOURS, KINDS, POSITIONS
+from finetune.demo.world import COLOURS, KINDS, POSITIONS
 from mmchat.conversation import IGNORE_INDEX
 
 

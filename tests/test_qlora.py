@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 
 from finetune.batching import RankBatchSampler, collate, global_batches, padding_fraction
 from finetune.build import read_projector
-from finetune.dataset import LlavaDataset, RenderSettings, read_records
+from finetune.data.dataset import LlavaDataset, RenderSettings, read_records
 from finetune.objective import AnswerLoss
 from finetune.qlora import main as qlora_main
 from finetune.train import train
@@ -260,7 +260,7 @@ def free_port() -> int:
 
 
 def test_two_ddp_processes_on_cpu_end_equal_and_match_one_process(tiny_train_checkpoint, colour_data, tmp_path):
-    common = ["--config", str(CONFIGS / "tiny-instruct.yaml"), "--model", str(tiny_train_checkpoint),
+    common = ["--config", str(ROOT / "tests" / "configs" / "tiny-instruct.yaml"), "--model", str(tiny_train_checkpoint),
               "--data", str(colour_data), "--image-root", str(colour_data.parent), "--max-steps", "3", "--no-progress",
               "--lora-dropout", "0"]  # dropout masks depend on how the batch is split
     # accelerate's `--cpu` launcher starts one process unless MPI is set up; `--multi_gpu` starts torchrun,
@@ -311,7 +311,7 @@ def test_yaml_then_flags_and_errors_naming_close_matches(tmp_path):
 
 def test_shipped_configs_follow_the_llava_recipes():
     configs = {}
-    for path in CONFIGS.glob("*.yaml"):
+    for path in [*CONFIGS.glob("*.yaml"), *(ROOT / "tests" / "configs").glob("*.yaml")]:
         values = {"data": "d.json", "output_dir": "o", **load_yaml(path)}
         configs[path.stem] = TrainConfig(**({} if "llm" in values else {"model": "m"}), **values)
     assert {"llava-1.5-7b-align", "llava-1.5-7b-instruct", "tiny-align", "tiny-instruct"} <= set(configs)
@@ -323,12 +323,12 @@ def test_shipped_configs_follow_the_llava_recipes():
     for c in (align, instruct):
         assert (c.lr_scheduler, c.warmup_ratio, c.max_length, c.epochs) == ("cosine", 0.03, 2048, 1)
         assert c.gradient_checkpointing and c.optimizer == "paged_adamw_8bit" and c.precision == "bf16"
-    for path in CONFIGS.glob("*.yaml"):
+    for path in [*CONFIGS.glob("*.yaml"), *(ROOT / "tests" / "configs").glob("*.yaml")]:
         assert path.read_text().startswith("#") and "python -m finetune.qlora --config" in path.read_text()
 
 
 def test_user_errors_are_one_line(tiny_train_checkpoint, colour_data, tmp_path, capsys, monkeypatch):
-    base = ["--config", str(CONFIGS / "tiny-instruct.yaml"), "--model", str(tiny_train_checkpoint), "--no-progress"]
+    base = ["--config", str(ROOT / "tests" / "configs" / "tiny-instruct.yaml"), "--model", str(tiny_train_checkpoint), "--no-progress"]
 
     def error(*args) -> str:
         """The one `error:` line (stderr also holds progress bars of model loading)."""

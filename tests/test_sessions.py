@@ -6,10 +6,10 @@ import threading
 import pytest
 from PIL import Image
 
-from mmchat.examples import EXAMPLES, example_path
+from mmchat.serving.examples import EXAMPLES, example_path
 from mmchat.generate import GenerationConfig
 from mmchat.image import ImageError
-from mmchat.sessions import Busy, SessionPool, prepare_image
+from mmchat.serving.sessions import Busy, SessionPool, prepare_image
 
 GREEDY = GenerationConfig(max_new_tokens=12, temperature=0.0)
 CIRCLE, TWO_CIRCLES = str(example_path(EXAMPLES[0])), str(example_path(EXAMPLES[3]))

@@ -8,11 +8,11 @@ from collections import Counter, defaultdict
 import numpy as np
 import pytest
 
-from finetune.synthetic import (
+from finetune.demo.world import (
     COLOURS, KINDS, POSITIONS, RGB, Scene, Shape, WorldConfig, draw, sample_scene, scene_rng,
 )
-from finetune.synthetic_data import SyntheticSet, write_set
-from finetune.synthetic_text import (
+from finetune.demo.sets import SyntheticSet, write_set
+from finetune.demo.texts import (
     FOLLOW_UP, QUESTION_TYPES, TextConfig, conversation, description, ref_by_colour, ref_by_kind,
 )
 
@@ -158,7 +158,7 @@ def test_a_text_config_limits_types_and_turns():
 
 
 def test_written_sets_are_llava_records_that_pass_the_data_check(tmp_path):
-    from finetune.data_check import CheckConfig, check
+    from finetune.data.check import CheckConfig, check
 
     path = write_set(SyntheticSet(tmp_path / "set", seed=5, records=20, image_size=32))
     records = json.loads(path.read_text())

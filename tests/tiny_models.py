@@ -224,10 +224,10 @@ def build_trainable_checkpoint(out: Path, tokenizer_dir: Path, seed: int = 0, he
 
 
 def tiny_train_config(name: str, **overrides):
-    """`finetune/configs/tiny-{name}.yaml` with `overrides`, as a TrainConfig."""
+    """`tests/configs/tiny-{name}.yaml` with `overrides`, as a TrainConfig."""
     from finetune.train_config import TrainConfig, load_yaml
 
-    path = Path(__file__).resolve().parents[1] / "finetune" / "configs" / f"tiny-{name}.yaml"
+    path = Path(__file__).resolve().parent / "configs" / f"tiny-{name}.yaml"
     return TrainConfig(**{**load_yaml(path), "progress": False, **overrides})
 
 

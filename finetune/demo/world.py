@@ -4,7 +4,7 @@ A `Scene` is the ground truth (kind, colour, cell, centre, size of each shape); 
 it at any size. Scenes come from `random.Random(f"{seed}:{index}")`, so scene `index` of a seed
 is the same whatever else is generated, and a new seed gives a held-out world.
 
-Colours are the app's example palette (`mmchat.examples.COLOURS`), so the example images are
+Colours are the app's example palette (`mmchat.serving.examples.COLOURS`), so the example images are
 drawn in exactly the colours the demo model learned:
 
     red (220, 50, 47)     green (60, 160, 70)    blue (38, 110, 210)
@@ -23,10 +23,10 @@ from dataclasses import dataclass, replace
 
 from PIL import Image
 
-from mmchat.examples import COLOURS as PALETTE
-from mmchat.examples import Example
-from mmchat.examples import Shape as DrawnShape
-from mmchat.examples import draw as draw_example
+from mmchat.serving.examples import COLOURS as PALETTE
+from mmchat.serving.examples import Example
+from mmchat.serving.examples import Shape as DrawnShape
+from mmchat.serving.examples import draw as draw_example
 
 COLOURS = ("red", "green", "blue", "yellow", "purple", "orange")
 KINDS = ("circle", "square", "triangle")

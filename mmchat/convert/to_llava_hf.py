@@ -6,27 +6,16 @@ can be served by engines that load llava-hf folders (vLLM, SGLang, TGI).
 from __future__ import annotations
 
 import json
-import logging
-import os
-import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
-from mmchat.checkpoint import PROJECTOR_FILE, is_checkpoint, replace_dir
-from mmchat.clip_weights import hf_from_open_clip
+from mmchat.checkpoint import atomic_dir, is_checkpoint, read_config, read_projector_state, resolve_path
+from mmchat.convert.clip_weights import hf_from_open_clip
 from mmchat.config import ModelConfig
-from mmchat.convert import (
-    IMAGE_TOKEN,
-    MERGE_HINT,
-    SELECT_STRATEGIES,
-    ConvertError,
-    check_destination,
-    log,
-)
-from mmchat.templates import get_template
+from mmchat.convert.common import MERGE_HINT, SELECT_STRATEGIES, ConvertError, check_destination, log
+from mmchat.templates import IMAGE_TOKEN, get_template
 from mmchat.vision import load_vision_tower, num_image_tokens
 
 
@@ -34,31 +23,23 @@ def to_llava_hf(src: Path, dst: Path, overwrite: bool = False) -> Path:
     """Write an mmchat checkpoint as a folder `LlavaForConditionalGeneration` and `AutoProcessor` load."""
     from transformers import AutoModelForCausalLM
 
-    from mmchat.model import load_tokenizer, resolve_path
+    from mmchat.model import load_tokenizer
 
     dst = check_destination(dst, overwrite)
     config = exportable_config(Path(src))
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.CRITICAL)  # open_clip logs a failed download on the root logger; we report it once
     try:
         visual = load_vision_tower(config.vision, src)
     except RuntimeError as e:  # a named open_clip tower that cannot be downloaded
         raise ConvertError(str(e)) from None
-    finally:
-        root.setLevel(level)
     log("loading the language model")
     llm = AutoModelForCausalLM.from_pretrained(resolve_path(src, config.llm), dtype="auto")
     tokenizer = load_tokenizer(resolve_path(src, config.tokenizer))
-    llava = assemble_llava(config, visual, load_file(str(Path(src) / PROJECTOR_FILE)), llm, add_image_token(tokenizer, llm))
+    llava = assemble_llava(config, visual, read_projector_state(src), llm, add_image_token(tokenizer, llm))
     processor = llava_processor(config, llava.config, tokenizer)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")  # complete before it takes DST's name
-    shutil.rmtree(tmp, ignore_errors=True)
     log(f"writing {dst}")
-    llava.save_pretrained(tmp)
-    processor.save_pretrained(tmp)
-    replace_dir(tmp, dst)
+    with atomic_dir(dst) as tmp:  # complete before it takes DST's name
+        llava.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
     return dst
 
 
@@ -66,7 +47,7 @@ def exportable_config(src: Path) -> ModelConfig:
     """The checkpoint's config, if llava-hf can express the model."""
     if not is_checkpoint(src):
         raise ConvertError(f"SRC {src} is not an mmchat checkpoint (no mmchat.json); convert LLaVA folders without --to")
-    config = ModelConfig.load(src)
+    config = read_config(src)
     if config.adapter:
         raise ConvertError(f"{src} holds a PEFT adapter on top of {config.llm}, not a full LLM; {MERGE_HINT}")
     if config.projector.type != "mlp2x_gelu":

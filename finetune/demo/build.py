@@ -4,16 +4,16 @@
     python -m finetune.demo --out /tmp/demo --quick            # a smaller world in a few minutes (the tests)
 
 1. data: synthetic shape images with captions and conversations, as LLaVA-format files
-2. tokenizer: BPE over the world's text (`finetune.train_tokenizer`)
-3. CLIP: a tiny open_clip CLIP trained contrastively (`finetune.pretrain_clip`)
-4. LLM: a tiny LLaMA trained on the conversations' text (`finetune.pretrain_lm`)
+2. tokenizer: BPE over the world's text (`finetune.demo.tokenizer`)
+3. CLIP: a tiny open_clip CLIP trained contrastively (`finetune.demo.pretrain_clip`)
+4. LLM: a tiny LLaMA trained on the conversations' text (`finetune.demo.pretrain_lm`)
 5. stage 0: both parts and a new projector as an mmchat checkpoint
 6. stage 1: `python -m finetune.qlora --stage align` (projector only, LLM in 4-bit)
 7. stage 2: `python -m finetune.qlora --stage instruct` (QLoRA: 4-bit NF4 LLM + LoRA, projector)
 8. pack: the base LLM copied in, so the folder stands alone; then held-out evaluation in 4-bit
    and the model card (README.md, learning curves) written beside the weights.
 
-Stages 1-2 run the very command users run on a 7B model, with `finetune/configs/demo-*.yaml`.
+Stages 1-2 run the very command users run on a 7B model, with `finetune/demo/configs/demo-*.yaml`.
 Each step prints its time. Work files go to `--work` (default: beside --out) and are kept.
 """
 from __future__ import annotations
@@ -29,12 +29,12 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from finetune.pretrain_clip import ClipConfig
-from finetune.lm_records import CELL_TOKENS, Lookups
-from finetune.pretrain_lm import LmConfig, Turns
-from finetune.synthetic import WorldConfig
-from finetune.synthetic_data import SyntheticSet
-from finetune.synthetic_text import TextConfig
+from finetune.demo.pretrain_clip import ClipConfig
+from finetune.demo.lookups import CELL_TOKENS, Lookups
+from finetune.demo.pretrain_lm import LmConfig, Turns
+from finetune.demo.world import WorldConfig
+from finetune.demo.sets import SyntheticSet
+from finetune.demo.texts import TextConfig
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
 SEEDS = {"clip": 1, "lm": 2, "align": 3, "instruct": 4, "tokenizer": 5, "heldout": 1000}
@@ -56,7 +56,7 @@ class DemoConfig:
     pooling the last block's patch outputs feed nothing in CLIP's loss)."""
     select_feature: str = "patch"
     """The nine patch tokens, one per cell: the LLM learnt to read the scene as a 3×3 grid of
-    cell words in that order (`finetune.lm_records`)."""
+    cell words in that order (`finetune.demo.lookups`)."""
     align_records: int = 6000
     instruct_records: int = 16000
     heldout_records: int = 600
@@ -89,7 +89,7 @@ def full_config(out: Path, work: Path) -> DemoConfig:
     # is the slowest of the three to form. Then yes/no joins the turns: the others wear down "no" to
     # a shape that is not there, and checking two attributes of one shape forms only once finding
     # it has (in one phase with the others, 1440 steps: "no" stayed at 67-71%). Measured in
-    # `finetune.lm_records.lookup_samples`.
+    # `finetune.demo.lookups.lookup_samples`.
     colour, position, shape, yes_no = (Lookups((kind,)) for kind in ("colour", "position", "shape", "yes/no"))
     lm = LmConfig(conversations=40000, steps=4400, batch_size=64, lr=1e-3,
                   turns=(Turns((colour, colour, position, shape), 1200),
@@ -151,7 +151,7 @@ def build(cfg: DemoConfig) -> dict:
     """All the steps; returns what the model card reports."""
     import torch
 
-    from finetune.demo_card import accuracy_by_shapes, write_card
+    from finetune.demo.card import accuracy_by_shapes, write_card
     from finetune.eval import EvalConfig, evaluate
 
     torch.set_num_threads(cfg.threads)
@@ -206,7 +206,7 @@ def write_sets(cfg: DemoConfig) -> dict[str, Path]:
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
-    from finetune.synthetic_data import write_set
+    from finetune.demo.sets import write_set
 
     sizes = {"align": cfg.align_records, "instruct": cfg.instruct_records, "heldout": cfg.heldout_records}
     with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn")) as pool:
@@ -250,11 +250,11 @@ def make_tokenizer(cfg: DemoConfig):
     question), the scenes' descriptions and the captions, so merges follow what the model reads."""
     import random
 
-    from finetune.synthetic import sample_scene, scene_rng
-    from finetune.synthetic_text import caption, conversation, description
-    from finetune.train_tokenizer import train_tokenizer
+    from finetune.demo.world import sample_scene, scene_rng
+    from finetune.demo.texts import caption, conversation, description
+    from finetune.demo.tokenizer import train_tokenizer
     from mmchat.conversation import ASSISTANT, USER, Message
-    from mmchat.templates import get_template, prompt_text, segments
+    from mmchat.templates import IMAGE_TOKEN, get_template, prompt_text, segments
 
     template = get_template(cfg.lm.template)
 
@@ -265,7 +265,7 @@ def make_tokenizer(cfg: DemoConfig):
             messages = []
             for n, turn in enumerate(conversation(scene, rng, cfg.text)):
                 messages += [Message(USER, turn.question, int(n == 0)), Message(ASSISTANT, turn.answer)]
-            yield from prompt_text(segments(template, messages, False)).split("<image>")
+            yield from prompt_text(segments(template, messages, False)).split(IMAGE_TOKEN)
             yield description(scene)
             yield caption(scene, rng)
 
@@ -284,7 +284,7 @@ def pretrain_both(cfg: DemoConfig, tokenizer):
 
     from transformers import AutoModelForCausalLM
 
-    from finetune.pretrain_clip import pretrain_clip
+    from finetune.demo.pretrain_clip import pretrain_clip
 
     clip_done = cfg.work / "clip-done"
     clip_done.unlink(missing_ok=True)
@@ -304,7 +304,7 @@ def _pretrain_lm(cfg: LmConfig, tokenizer_dir: Path, out: Path, threads: int, cl
     import torch
     from transformers import AutoTokenizer
 
-    from finetune.pretrain_lm import pretrain_lm
+    from finetune.demo.pretrain_lm import pretrain_lm
 
     torch.set_num_threads(threads)
     result = pretrain_lm(cfg, AutoTokenizer.from_pretrained(tokenizer_dir), out, log=say,
@@ -331,22 +331,18 @@ def stage0_checkpoint(cfg: DemoConfig, clip, lm, tokenizer) -> Path:
 
 def pack(trained: Path, base_llm: Path, out: Path) -> Path:
     """The stage-2 checkpoint with its base LLM copied in (it names the LLM by absolute path)."""
-    from mmchat.checkpoint import PROJECTOR_FILE, replace_dir
-    from mmchat.config import CONFIG_FILE, ModelConfig
+    from mmchat.checkpoint import LLM_DIR, PROJECTOR_FILE, atomic_dir, read_config, write_config
+    from mmchat.vision import VISION_DIR
 
-    config = ModelConfig.load(trained)
-    tmp = out.with_name(f".{out.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    for name in (PROJECTOR_FILE, "vision", config.tokenizer, config.adapter):
-        source = trained / name
-        (shutil.copytree if source.is_dir() else shutil.copy)(source, tmp / name)
-    shutil.copytree(base_llm, tmp / "llm")
-    _adapter_beside_its_llm(tmp / config.adapter)
-    config.llm = "llm"
-    config.save(tmp)
-    assert (tmp / CONFIG_FILE).is_file()
-    replace_dir(tmp, out)
+    config = read_config(trained)
+    with atomic_dir(out) as tmp:
+        for name in (PROJECTOR_FILE, VISION_DIR, config.tokenizer, config.adapter):
+            source = trained / name
+            (shutil.copytree if source.is_dir() else shutil.copy)(source, tmp / name)
+        shutil.copytree(base_llm, tmp / LLM_DIR)
+        _adapter_beside_its_llm(tmp / config.adapter)
+        config.llm = LLM_DIR
+        write_config(config, tmp)
     return out
 
 

@@ -1,7 +1,4 @@
-"""Convert LLaVA checkpoints into mmchat checkpoints, and mmchat checkpoints into llava-hf folders.
-
-    python -m mmchat.convert SRC DST                  # LLaVA folder or hub id -> mmchat checkpoint
-    python -m mmchat.convert --to llava-hf SRC DST    # mmchat checkpoint -> LlavaForConditionalGeneration
+"""LLaVA checkpoints (folders or hub ids) -> mmchat checkpoints.
 
 SRC's format is detected from its config.json:
   llava-hf   what `LlavaForConditionalGeneration.save_pretrained` writes (`model_type: llava`,
@@ -11,21 +8,16 @@ SRC's format is detected from its config.json:
 """
 from __future__ import annotations
 
-import argparse
 import json
 import re
-import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from mmchat.checkpoint import (
-    is_checkpoint,
-    save_checkpoint,
-)
-from mmchat.clip_weights import UnsupportedTower, open_clip_from_hf
+from mmchat.checkpoint import is_checkpoint, save_checkpoint
+from mmchat.convert.clip_weights import open_clip_from_hf
+from mmchat.convert.common import SELECT_STRATEGIES, ConvertError, check_destination, log
 from mmchat.config import (
     CLIP_MEAN,
     CLIP_STD,
@@ -35,49 +27,12 @@ from mmchat.config import (
 )
 from mmchat.projector import build_projector
 
-TARGETS = ("mmchat", "llava-hf")
-IMAGE_TOKEN = "<image>"
 # The original checkpoints name their tower by hub id; open_clip has the same OpenAI weights.
 OPENAI_TOWERS = {
     "openai/clip-vit-large-patch14-336": ("ViT-L-14-336", "openai"),
     "openai/clip-vit-large-patch14": ("ViT-L-14", "openai"),
 }
-SELECT_STRATEGIES = {"patch": "default", "cls_patch": "full"}  # mmchat select_feature -> llava-hf strategy
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
-MERGE_HINT = "merge the adapter first with `python -m finetune.merge`"
-
-
-class ConvertError(ValueError):
-    """A checkpoint or flag that cannot be converted; the message says which and what to do."""
-
-
-@dataclass
-class ConvertArgs:
-    src: str
-    """A LLaVA folder or hub id (llava-hf or original format); with `--to llava-hf`, an mmchat checkpoint."""
-    dst: Path
-    """The folder to write; it must not exist unless --force."""
-    to: str = "mmchat"
-    """`mmchat` (from LLaVA) or `llava-hf` (from mmchat, for transformers / vLLM / SGLang / TGI)."""
-    vision_tower: str | None = None
-    """Original-format LLaVA only: use this CLIP instead of `mm_vision_tower`, as an open_clip
-    `NAME/TAG` (e.g. `ViT-L-14-336/openai`) or a local transformers CLIP folder."""
-    force: bool = False
-    """Replace an existing DST (it is swapped out only once the new folder is complete)."""
-
-    def __post_init__(self) -> None:
-        self.dst = Path(self.dst)
-        if self.to not in TARGETS:
-            raise ConvertError(f"--to {self.to!r}: choose one of {', '.join(TARGETS)}")
-        if self.to == "llava-hf" and self.vision_tower:
-            raise ConvertError("Can't combine --vision-tower with --to llava-hf: the mmchat checkpoint already names its tower.")
-
-
-def log(message: str) -> None:
-    print(f"[convert] {message}", file=sys.stderr, flush=True)
-
-
-# ---------------------------------------------------------------- LLaVA -> mmchat
 
 
 def to_mmchat(src: str, dst: Path, vision_tower: str | None = None, overwrite: bool = False) -> Path:
@@ -91,13 +46,6 @@ def to_mmchat(src: str, dst: Path, vision_tower: str | None = None, overwrite: b
             raise ConvertError("--vision-tower applies to original-format LLaVA only; a llava-hf checkpoint includes its tower")
         return from_llava_hf(folder, dst)
     return from_original(folder, config, dst, vision_tower)
-
-
-def check_destination(dst: Path, overwrite: bool) -> Path:
-    dst = Path(dst)
-    if dst.exists() and not overwrite:
-        raise ConvertError(f"DST {dst} already exists; choose a new folder or pass --force to replace it")
-    return dst
 
 
 def fetch(src: str) -> Path:
@@ -353,36 +301,3 @@ def read_tensors(folder: Path, files: dict, prefix: str) -> dict[str, torch.Tens
     return out
 
 
-def parse_args(argv: list[str] | None = None) -> ConvertArgs:
-    parser = argparse.ArgumentParser(prog="python -m mmchat.convert", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("src", help="a LLaVA folder or hub id (llava-hf or original); an mmchat checkpoint with --to llava-hf")
-    parser.add_argument("dst", type=Path, help="the folder to write (must not exist unless --force)")
-    parser.add_argument("--to", choices=TARGETS, default="mmchat", help="target format (default: mmchat)")
-    parser.add_argument("--vision-tower", help="original LLaVA only: open_clip NAME/TAG or a local transformers CLIP folder, instead of mm_vision_tower")
-    parser.add_argument("--force", action="store_true", help="replace DST if it exists")
-    ns = parser.parse_args(argv)
-    return ConvertArgs(src=ns.src, dst=ns.dst, to=ns.to, vision_tower=ns.vision_tower, force=ns.force)
-
-
-def convert(args: ConvertArgs) -> Path:
-    if args.to == "llava-hf":
-        from mmchat.export_llava_hf import to_llava_hf  # imports this module's helpers
-        return to_llava_hf(Path(args.src), args.dst, overwrite=args.force)
-    return to_mmchat(args.src, args.dst, vision_tower=args.vision_tower, overwrite=args.force)
-
-
-def main(argv: list[str] | None = None) -> int:
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()  # load reports list the mm_* keys we skip on purpose; we check what matters
-    try:
-        out = convert(parse_args(argv))
-    except (ConvertError, UnsupportedTower) as e:
-        print("error: " + " ".join(str(e).split("\n")), file=sys.stderr)
-        return 2
-    log(f"done: {out}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

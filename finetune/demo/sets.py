@@ -1,6 +1,6 @@
 """The synthetic world as LLaVA-format files: PNG images plus a JSON list of records.
 
-    python -m finetune.synthetic_data --out data/shapes-heldout --seed 1000 --records 600
+    python -m finetune.demo.sets --out data/shapes-heldout --seed 1000 --records 600
 
 Records are what `finetune.data` writes for users' data — `{"id", "image", "conversations"}`,
 `<image>\\n` opening the first human turn, `image` relative to the folder — so the demo model
@@ -17,9 +17,9 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from finetune.instruction_templates import BRIEF_CAPTION_INSTRUCTIONS
-from finetune.synthetic import WorldConfig, draw, sample_scene, scene_rng
-from finetune.synthetic_text import TextConfig, Turn, conversation, description
+from finetune.data.instructions import BRIEF_CAPTION_INSTRUCTIONS
+from finetune.demo.world import WorldConfig, draw, sample_scene, scene_rng
+from finetune.demo.texts import TextConfig, Turn, conversation, description
 
 DATA_FILE = "data.json"
 IMAGES = "images"
@@ -78,7 +78,7 @@ def write_set(spec: SyntheticSet) -> Path:
 
 
 def parse_args(argv: list[str] | None = None) -> SyntheticSet:
-    p = argparse.ArgumentParser(prog="python -m finetune.synthetic_data",
+    p = argparse.ArgumentParser(prog="python -m finetune.demo.sets",
                                 description="Write synthetic shape images and LLaVA-format records about them.")
     p.add_argument("--out", required=True, type=Path, help="folder for data.json and images/")
     p.add_argument("--seed", type=int, default=1000, help="world seed; the demo model trained on seeds 1-3 (default: %(default)s)")

@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 
 from finetune.optim import warmup_cosine
-from finetune.synthetic import Scene, WorldConfig, draw, sample_scene, scene_rng, twin
-from finetune.synthetic_text import caption
+from finetune.demo.world import Scene, WorldConfig, draw, sample_scene, scene_rng, twin
+from finetune.demo.texts import caption
 from mmchat.config import CLIP_MEAN, CLIP_STD
 
 CURRICULUM_IMAGES = 2048
@@ -54,7 +54,7 @@ class ClipConfig:
     context_length: int = 48
     """Caption tokens, `</s>` included; longer captions are cut (the demo's are under 40)."""
     images: int = 8192
-    """Scenes drawn up front, each with its twin (`finetune.synthetic.twin`); captions are drawn
+    """Scenes drawn up front, each with its twin (`finetune.demo.world.twin`); captions are drawn
     afresh for every batch."""
     steps: int = 1500
     batch_size: int = 256
@@ -188,7 +188,7 @@ def _pool(world: WorldConfig, count: int, seed: int, size: int) -> tuple[list[Sc
 def caption_match_accuracy(model, scenes: list[Scene], images: torch.Tensor, tokenizer, cfg: ClipConfig) -> float:
     """Share of held-out images whose own description scores above the descriptions of the other
     images of the set (a 256-way choice; chance 0.4%)."""
-    from finetune.synthetic_text import description
+    from finetune.demo.texts import description
 
     model.eval()
     texts = encode_captions([description(s) for s in scenes], tokenizer, cfg.context_length)

@@ -26,14 +26,14 @@ import random
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
-from finetune.instruction_templates import BRIEF_CAPTION_INSTRUCTIONS
-from finetune.synthetic import Scene, sample_scene, scene_rng
-from finetune.synthetic_text import ask, conversation, description
+from finetune.data.instructions import BRIEF_CAPTION_INSTRUCTIONS
+from finetune.demo.world import Scene, sample_scene, scene_rng
+from finetune.demo.texts import ask, conversation, description
 from mmchat.conversation import ASSISTANT, IGNORE_INDEX, USER, Message, render
 from mmchat.templates import get_template
 
 if TYPE_CHECKING:
-    from finetune.pretrain_lm import LmConfig
+    from finetune.demo.pretrain_lm import LmConfig
 
 
 CELLS = 9

@@ -18,8 +18,8 @@ import torch
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from finetune.data_check import conversation_problems
-from finetune.data_io import RECORD_SUFFIXES, BadLine, DataError, iter_records
+from finetune.data.check import conversation_problems
+from finetune.data.io import RECORD_SUFFIXES, BadLine, DataError, iter_records
 from finetune.train_log import bar_disabled
 from mmchat.config import VisionConfig
 from mmchat.conversation import IGNORE_INDEX, Rendered, messages_from_llava, render

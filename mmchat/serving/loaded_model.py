@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mmchat.model import LoadOptions, MultimodalModel
-from mmchat.serve_config import ServeConfig
+from mmchat.serving.config import ServeConfig
 
 FIX = ("start with `python app.py --model PATH` (an mmchat checkpoint, a LLaVA folder or a hub id), "
        "or set MMCHAT_MODEL on a Space")
@@ -34,23 +34,16 @@ class ServedModel:
         return self.model is not None
 
 
-def load_options(config: ServeConfig) -> LoadOptions:
-    """--load-in/--device with the app's defaults: 4-bit on a GPU, float32 on a CPU."""
-    import torch
-
-    device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return LoadOptions(config.load_in or ("32bit" if device == "cpu" else "4bit"), device)
-
-
 def load_served_model(config: ServeConfig) -> ServedModel:
     """Load `config.model` (converting a LLaVA folder / hub id once), or explain the failure."""
-    from mmchat.checkpoint import is_checkpoint, resolve_checkpoint
+    from mmchat.checkpoint import is_checkpoint
+    from mmchat.convert import resolve_checkpoint
     from mmchat.model import load_model
 
     if config.is_demo_model and not is_checkpoint(config.model):
         return ServedModel(None, NO_DEMO)
     try:
-        options = load_options(config)
+        options = LoadOptions(config.load_in, config.device)
         print(f"Loading {config.model} ({options.load_in} on {options.device}) ...", flush=True)
         model = load_model(resolve_checkpoint(config.model), options)
     except Exception as e:  # any failure becomes a message on the page; the app keeps serving it

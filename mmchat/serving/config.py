@@ -15,8 +15,9 @@ from pathlib import Path
 from typing import Mapping
 
 from mmchat.config import LOAD_IN
+from mmchat.serving.assets import assets_dir
 
-DEMO_MODEL = Path(__file__).resolve().parent.parent / "assets" / "demo-model"
+DEMO_MODEL = assets_dir() / "demo-model"
 """The small model the project trains and ships; served when no --model is given."""
 ENV_PREFIX = "MMCHAT_"
 

@@ -17,10 +17,11 @@ from typing import Any
 
 from PIL import Image
 
-from finetune.data_io import RECORD_SUFFIXES, BadLine, DataError, Tally, example, iter_records, plural
+from finetune.data.io import RECORD_SUFFIXES, BadLine, DataError, Tally, example, iter_records, plural
+from mmchat.conversation import LLAVA_ROLES
+from mmchat.templates import IMAGE_TOKEN
 
-IMAGE_TOKEN = "<image>"
-ROLES = ("human", "gpt")  # LLaVA's roles, in the order turns must alternate
+ROLES = tuple(LLAVA_ROLES)  # LLaVA's roles, in the order turns must alternate
 
 # Error kinds, as reports print them.
 INVALID = "invalid record"

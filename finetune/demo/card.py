@@ -9,7 +9,7 @@ import json
 from collections import Counter
 from pathlib import Path
 
-from finetune.synthetic_text import FOLLOW_UP
+from finetune.demo.texts import FOLLOW_UP
 
 CURVES = "learning_curves.png"
 BUILD_INFO = "build.json"
@@ -30,7 +30,7 @@ def accuracy_by_shapes(predictions: Path, world) -> dict[str, dict[str, list[flo
     """
     from collections import defaultdict
 
-    from finetune.synthetic import sample_scene, scene_rng
+    from finetune.demo.world import sample_scene, scene_rng
 
     scores: dict = defaultdict(lambda: defaultdict(list))
     for line in Path(predictions).read_text().splitlines():
@@ -166,7 +166,7 @@ def card_text(cfg, info: dict) -> str:
     if lm.turns:
         lookups += (" Each lookup record is a single question about a scene of several shapes: one to find by its "
                     "kind or colour, or whether one of a given colour and kind is there. In the mix alone these "
-                    "lookups do not form (see `finetune.lm_records.lookup_samples`).")
+                    "lookups do not form (see `finetune.demo.lookups.lookup_samples`).")
     return f"""# mmchat demo model
 
 A tiny LLaVA-1.5-style model that mmchat builds from nothing on a CPU: it answers questions about
@@ -198,7 +198,7 @@ reference answers. Overall accuracy **{result['accuracy']:.1%}**. {bar}
 Reproduce:
 
 ```bash
-python -m finetune.synthetic_data --out data/shapes-heldout --seed 1000 --records {heldout.records} \\
+python -m finetune.demo.sets --out data/shapes-heldout --seed 1000 --records {heldout.records} \\
     --image-size {heldout.image_size} --max-shapes {world.max_shapes}{'' if cfg.text.types == ('colour', 'shape', 'count', 'position', 'yes/no', 'description') else ' --types ' + ' '.join(cfg.text.types)} --max-turns {cfg.text.max_turns}
 python -m finetune.eval --model assets/demo-model --data data/shapes-heldout/data.json \\
     --image-root data/shapes-heldout --load-in 4bit

@@ -1,12 +1,12 @@
 """A tiny LLaMA pretrained on the synthetic world's text, since no pretrained LLM is that small.
 
-It reads the records of `finetune.lm_records` — conversations and captions rendered as mmchat
+It reads the records of `finetune.demo.lookups` — conversations and captions rendered as mmchat
 renders them, the scene in the image slot as nine "cell words" — so it knows the vocabulary, the
 chat format and which answers fit which questions before it ever sees an image.
 
 Finding one shape by its kind or colour among several ("What colour is the circle?") does not
 form in the mix; after it, batches of single lookup questions take turns with the mix's, in
-phases (`LmConfig.turns`; `finetune.lm_records.lookup_samples` for what was measured).
+phases (`LmConfig.turns`; `finetune.demo.lookups.lookup_samples` for what was measured).
 """
 from __future__ import annotations
 
@@ -18,10 +18,10 @@ from pathlib import Path
 
 import torch
 
-from finetune.lm_records import Lookups, Sample, lookup_samples, samples
+from finetune.demo.lookups import Lookups, Sample, lookup_samples, samples
 from finetune.optim import warmup_cosine
-from finetune.synthetic import WorldConfig
-from finetune.synthetic_text import TextConfig
+from finetune.demo.world import WorldConfig
+from finetune.demo.texts import TextConfig
 from mmchat.conversation import IGNORE_INDEX
 
 
@@ -58,7 +58,7 @@ class LmConfig:
     hard part, is learnt only from answers (measured: much slower when diluted)."""
     turns: tuple[Turns, ...] = ()
     """Phases after `steps` of the mix, one after the other, in which lookup batches take turns
-    with the mix's. See `finetune.lm_records.lookup_samples` for why."""
+    with the mix's. See `finetune.demo.lookups.lookup_samples` for why."""
     steps: int = 1500
     """Steps of the mix alone."""
     batch_size: int = 32

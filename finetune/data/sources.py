@@ -22,14 +22,16 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from finetune.data_check import IMAGE_TOKEN, INVALID, conversation_problems
-from finetune.data_io import (
+from finetune.data.check import INVALID, conversation_problems
+from finetune.data.io import (
     BadLine, DataError, Tally, example, first_json_value, iter_json_array, iter_jsonl, iter_records, plural,
 )
-from finetune.instruction_templates import BRIEF_CAPTION_INSTRUCTIONS, SHORT_ANSWER_SUFFIX
+from finetune.data.instructions import BRIEF_CAPTION_INSTRUCTIONS, SHORT_ANSWER_SUFFIX
+from mmchat.conversation import LLAVA_ROLES
+from mmchat.templates import IMAGE_TOKEN
 
 VQAV2_PATTERN_FIELDS = ("image_id", "subtype")
-ROLE_ALIASES = {"user": "human", "assistant": "gpt"}  # other exports' names for LLaVA's roles
+ROLE_ALIASES = {ours: theirs for theirs, ours in LLAVA_ROLES.items()}  # other exports' names for LLaVA's roles
 OUTSIDE_ROOT = "image outside --image-root"
 
 

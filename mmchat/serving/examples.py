@@ -1,6 +1,6 @@
 """Example images drawn by code: coloured shapes on plain backgrounds, with a question each.
 
-    python -m mmchat.examples            # (re)draws assets/examples/*.png
+    python -m mmchat.serving.examples            # (re)draws assets/examples/*.png
 
 The app offers these as examples; they are small, ours, and reproducible (a test redraws them
 and compares pixels), so no downloaded photo ever enters the repository.
@@ -14,7 +14,9 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-EXAMPLES_DIR = Path(__file__).resolve().parent.parent / "assets" / "examples"
+from mmchat.serving.assets import assets_dir
+
+EXAMPLES_DIR = assets_dir() / "examples"
 SIZE = 336  # LLaVA-1.5's input size: the model sees the drawing without resampling
 _SUPERSAMPLE = 4  # drawn larger, then downsampled: smooth edges without an antialiasing library
 
@@ -48,7 +50,7 @@ class Example:
 
 
 EXAMPLES = (
-    # Scenes of the demo model's world (finetune/synthetic.py): white background, one shape per
+    # Scenes of the demo model's world (finetune/demo/world.py): white background, one shape per
     # cell of a 3×3 grid, so the model that `python app.py` serves offline can answer each question.
     Example("red_circle", "What colour is the circle?", (Shape("circle", "red", (0.5, 0.5), 0.14),)),
     Example("left_right", "Where is the triangle?",
@@ -101,7 +103,7 @@ def write_examples(folder: Path = EXAMPLES_DIR) -> list[Path]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m mmchat.examples", description="Draw the app's example images.")
+    p = argparse.ArgumentParser(prog="python -m mmchat.serving.examples", description="Draw the app's example images.")
     p.add_argument("--out", type=Path, default=EXAMPLES_DIR, help="folder for the PNGs (default: %(default)s)")
     args = p.parse_args(argv)
     for path in write_examples(args.out):

@@ -22,9 +22,9 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from finetune.data_check import CheckConfig, check
-from finetune.data_io import RECORD_SUFFIXES, DataError, RecordWriter
-from finetune.data_sources import (
+from finetune.data.check import CheckConfig, check
+from finetune.data.io import RECORD_SUFFIXES, DataError, RecordWriter
+from finetune.data.sources import (
     VQAV2_PATTERN_FIELDS, SourceLog, coco_caption_records, image_path, llava_records, pattern_fields, qa_records,
     record_rng, vqav2_records,
 )

@@ -15,8 +15,8 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from finetune.instruction_templates import SHORT_ANSWER_SUFFIX
-from finetune.synthetic import COLOURS, KINDS, Scene, Shape
+from finetune.data.instructions import SHORT_ANSWER_SUFFIX
+from finetune.demo.world import COLOURS, KINDS, Scene, Shape
 
 QUESTION_TYPES = ("colour", "shape", "count", "position", "yes/no", "description")
 FOLLOW_UP = "follow-up"

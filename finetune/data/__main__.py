@@ -1,0 +1,3 @@
+from finetune.data.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,3 @@
+from finetune.demo.build import main
+
+raise SystemExit(main())

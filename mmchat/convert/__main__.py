@@ -1,0 +1,3 @@
+from mmchat.convert.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,89 @@
+"""`python -m mmchat.convert` (or `mmchat-convert`): LLaVA -> mmchat, and mmchat -> llava-hf.
+
+    python -m mmchat.convert SRC DST                  # LLaVA folder or hub id -> mmchat checkpoint
+    python -m mmchat.convert --to llava-hf SRC DST    # mmchat checkpoint -> LlavaForConditionalGeneration
+
+SRC's format is detected from its config.json:
+  llava-hf   what `LlavaForConditionalGeneration.save_pretrained` writes (`model_type: llava`,
+             `text_config`, `vision_config`); loaded through transformers, which renames its keys.
+  original   LLaVA's own `LlavaLlamaForCausalLM` (`mm_vision_tower`, `mm_projector_type`, ...): LLaMA
+             weights plus `model.mm_projector.*`; the CLIP tower is named, not included.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from mmchat.convert.clip_weights import UnsupportedTower
+from mmchat.convert.common import ConvertError, log
+from mmchat.convert.from_llava import to_mmchat
+from mmchat.convert.to_llava_hf import to_llava_hf
+
+TARGETS = ("mmchat", "llava-hf")
+
+
+@dataclass
+class ConvertArgs:
+    src: str
+    """A LLaVA folder or hub id (llava-hf or original format); with `--to llava-hf`, an mmchat checkpoint."""
+    dst: Path
+    """The folder to write; it must not exist unless --force."""
+    to: str = "mmchat"
+    """`mmchat` (from LLaVA) or `llava-hf` (from mmchat, for transformers / vLLM / SGLang / TGI)."""
+    vision_tower: str | None = None
+    """Original-format LLaVA only: use this CLIP instead of `mm_vision_tower`, as an open_clip
+    `NAME/TAG` (e.g. `ViT-L-14-336/openai`) or a local transformers CLIP folder."""
+    force: bool = False
+    """Replace an existing DST (it is swapped out only once the new folder is complete)."""
+
+    def __post_init__(self) -> None:
+        self.dst = Path(self.dst)
+        if self.to not in TARGETS:
+            raise ConvertError(f"--to {self.to!r}: choose one of {', '.join(TARGETS)}")
+        if self.to == "llava-hf" and self.vision_tower:
+            raise ConvertError("Can't combine --vision-tower with --to llava-hf: the mmchat checkpoint already names its tower.")
+
+
+def parse_args(argv: list[str] | None = None) -> ConvertArgs:
+    parser = argparse.ArgumentParser(prog="python -m mmchat.convert", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("src", help="a LLaVA folder or hub id (llava-hf or original); an mmchat checkpoint with --to llava-hf")
+    parser.add_argument("dst", type=Path, help="the folder to write (must not exist unless --force)")
+    parser.add_argument("--to", choices=TARGETS, default="mmchat", help="target format (default: mmchat)")
+    parser.add_argument("--vision-tower", help="original LLaVA only: open_clip NAME/TAG or a local transformers CLIP folder, instead of mm_vision_tower")
+    parser.add_argument("--force", action="store_true", help="replace DST if it exists")
+    ns = parser.parse_args(argv)
+    return ConvertArgs(src=ns.src, dst=ns.dst, to=ns.to, vision_tower=ns.vision_tower, force=ns.force)
+
+
+def convert(args: ConvertArgs) -> Path:
+    if args.to == "llava-hf":
+        return to_llava_hf(Path(args.src), args.dst, overwrite=args.force)
+    return to_mmchat(args.src, args.dst, vision_tower=args.vision_tower, overwrite=args.force)
+
+
+@contextmanager
+def quiet_transformers():
+    """transformers' load reports list the mm_* keys skipped on purpose (what matters is checked);
+    its verbosity is put back afterwards, so a notebook calling `main` keeps its own."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        with quiet_transformers():
+            out = convert(parse_args(argv))
+    except (ConvertError, UnsupportedTower) as e:
+        print("error: " + " ".join(str(e).split("\n")), file=sys.stderr)
+        return 2
+    log(f"done: {out}")
+    return 0

@@ -19,12 +19,15 @@ import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-
-from safetensors.torch import load_file, save_file
-from torch import nn
+from typing import TYPE_CHECKING
 
 from mmchat.config import ModelConfig
-from mmchat.vision import save_vision_tower
+
+if TYPE_CHECKING:
+    from torch import nn
+
+# safetensors, torch and open_clip are imported where they are used: `atomic_file` serves the data
+# tools too, which should start in a fraction of a second.
 
 CONFIG_FILE = "mmchat.json"
 PROJECTOR_FILE = "projector.safetensors"
@@ -98,6 +101,8 @@ def read_config(folder: str | Path) -> ModelConfig:
 
 
 def read_projector_state(folder: str | Path) -> dict:
+    from safetensors.torch import load_file
+
     return load_file(str(Path(folder) / PROJECTOR_FILE))
 
 
@@ -115,6 +120,8 @@ def write_config(config: ModelConfig, folder: str | Path) -> None:
 
 
 def save_projector(projector: nn.Module, path: Path) -> None:
+    from safetensors.torch import save_file
+
     state = {k: v.detach().float().cpu().contiguous() for k, v in projector.state_dict().items()}
     save_file(state, str(path))
 
@@ -135,6 +142,8 @@ def save_checkpoint(
     model) saves only its adapter under `adapter/`. `vision` is saved when the config has no
     pretrained tag.
     """
+    from mmchat.vision import save_vision_tower
+
     out = Path(out)
     if config.vision.pretrained is None and (vision is None or vision_model_cfg is None):
         raise ValueError("a checkpoint without a pretrained vision tag must include the vision tower and its open_clip config")

@@ -21,6 +21,7 @@ from tqdm import tqdm
 from finetune.data.check import conversation_problems
 from finetune.data.io import RECORD_SUFFIXES, BadLine, DataError, iter_records
 from finetune.train_log import bar_disabled
+from mmchat.checkpoint import atomic_file
 from mmchat.config import VisionConfig
 from mmchat.conversation import IGNORE_INDEX, Rendered, messages_from_llava, render
 from mmchat.image import ImageError, load_image, preprocess
@@ -191,10 +192,9 @@ def load_or_build_index(store: RecordStore, settings: RenderSettings, cache: Pat
             if str(saved["fingerprint"]) == fingerprint and len(saved["lengths"]) == len(store):
                 return DataIndex(saved["full_lengths"], saved["lengths"], saved["answer_tokens"])
     index = build_index(store, settings, progress, workers)
-    tmp = cache.with_name(f".{cache.name}.{os.getpid()}.tmp.npz")
-    np.savez(tmp, fingerprint=np.array(fingerprint), full_lengths=index.full_lengths, lengths=index.lengths,
-             answer_tokens=index.answer_tokens)
-    os.replace(tmp, cache)
+    with atomic_file(cache) as tmp:
+        np.savez(tmp, fingerprint=np.array(fingerprint), full_lengths=index.full_lengths, lengths=index.lengths,
+                 answer_tokens=index.answer_tokens)
     return index
 
 

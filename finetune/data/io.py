@@ -6,7 +6,6 @@ Annotation files hold hundreds of thousands of records in one JSON object; they 
 from __future__ import annotations
 
 import json
-import os
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -16,6 +15,8 @@ from typing import IO, Any
 import ijson
 from tqdm import tqdm
 from tqdm.utils import CallbackIOWrapper
+
+from mmchat.checkpoint import atomic_file
 
 RECORD_SUFFIXES = (".json", ".jsonl")
 
@@ -122,12 +123,11 @@ class RecordWriter:
         assert path.suffix in RECORD_SUFFIXES, path
         self.path = path
         self.count = 0
-        self._tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        self._target = atomic_file(path)
         self._file: IO[str] | None = None
 
     def __enter__(self) -> RecordWriter:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = open(self._tmp, "w", encoding="utf-8")
+        self._file = open(self._target.__enter__(), "w", encoding="utf-8")
         if self.path.suffix == ".json":
             self._file.write("[")
         return self
@@ -145,7 +145,4 @@ class RecordWriter:
         if self.path.suffix == ".json":
             self._file.write("\n]\n" if self.count else "]\n")
         self._file.close()
-        if exc_type is None:
-            os.replace(self._tmp, self.path)
-        else:
-            self._tmp.unlink()
+        self._target.__exit__(exc_type, exc, tb)  # renamed into place, or deleted on error

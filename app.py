@@ -69,7 +69,24 @@ def stats_line(conversation: Conversation) -> str:
 
 
 def _error(message: str, title: str) -> gr.Error:
-    return gr.Error(html.escape(message), title=title, print_exception=False)  # the modal renders HTML
+    return gr.Error(message, title=title, print_exception=False)
+
+
+def _from_browser(request: gr.Request | None) -> bool:
+    """The page's own events carry `x-gradio-user: app`; gradio_client and the JS client send "api"."""
+    return request is not None and request.headers.get("x-gradio-user") == "app"
+
+
+@contextmanager
+def _errors_for(request: gr.Request | None):
+    """API clients get an error's text as it is; the browser's modal renders it as (sanitised)
+    HTML, so for the page it is escaped, or a message with `<image>` in it would lose that."""
+    try:
+        yield
+    except gr.Error as e:
+        if not _from_browser(request):
+            raise
+        raise gr.Error(html.escape(e.message), e.duration, e.visible, e.title, e.print_exception) from None
 
 
 class Handlers:
@@ -81,14 +98,18 @@ class Handlers:
 
     @contextmanager
     def conversation(self, request: gr.Request | str, generate: bool = False):
-        if self.pool is None:
-            raise _error(self.served.summary, "No model")
+        """The caller's conversation, by request or session hash (a hash: the caller formats errors)."""
         key = request if isinstance(request, str) else request.session_hash
-        try:
-            with self.pool.use(key, generate) as conversation:
-                yield conversation
-        except (ValueError, Busy) as e:  # ImageError and ContextError are ValueErrors
-            raise _error(str(e), "Can't do that") from None
+        with _errors_for(None if isinstance(request, str) else request):
+            if self.pool is None:
+                raise _error(self.served.summary, "No model")
+            try:
+                with self.pool.use(key, generate) as conversation:
+                    yield conversation
+            except gr.Error:  # a ValueError too, but already worded for the user (generation failed)
+                raise
+            except (ValueError, Busy) as e:  # ImageError and ContextError are ValueErrors
+                raise _error(str(e), "Can't do that") from None
 
     def stream(self, key: str, message: dict | None, gen: GenerationConfig):
         """Ask (`message`) or regenerate (None); yields (chatbot, stats) as the answer grows."""
@@ -121,12 +142,14 @@ class Handlers:
             raise _error(str(e), "Settings") from None
 
     def send(self, message: dict, temperature: float, top_p: float, max_new_tokens: float, request: gr.Request):
-        gen = self.settings(temperature, top_p, max_new_tokens)
-        for chat, stats in self.stream(request.session_hash, message or EMPTY_BOX, gen):
-            yield chat, EMPTY_BOX, stats
+        with _errors_for(request):
+            gen = self.settings(temperature, top_p, max_new_tokens)
+            for chat, stats in self.stream(request.session_hash, message or EMPTY_BOX, gen):
+                yield chat, EMPTY_BOX, stats
 
     def regenerate(self, temperature: float, top_p: float, max_new_tokens: float, request: gr.Request):
-        yield from self.stream(request.session_hash, None, self.settings(temperature, top_p, max_new_tokens))
+        with _errors_for(request):
+            yield from self.stream(request.session_hash, None, self.settings(temperature, top_p, max_new_tokens))
 
     def show(self, request: gr.Request):
         """The conversation as it is (after Stop: waits until the answer was closed and kept)."""

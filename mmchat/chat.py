@@ -52,11 +52,9 @@ class TurnStats:
 @dataclass
 class _Image:
     uid: int
+    """Unique within its session: cache keys name image slots by it."""
     image: Image.Image
     features: torch.Tensor | None = None  # [T, H], computed once
-
-
-_uids = itertools.count()
 
 
 @dataclass
@@ -76,6 +74,8 @@ class ChatSession:
         self._images: list[_Image] = []  # in conversation order
         self._cache = None
         self._cached_keys: list = []  # token id per cached position, ("img", uid) for image slots
+        # Never reset (not even by clear): a new image must not take the uid of one still in the cache keys.
+        self._uids = itertools.count()
 
     # -- conversation edits -------------------------------------------------------------
     def ask(self, text: str, image=None, gen: GenerationConfig | None = None) -> Iterator[str]:
@@ -88,7 +88,7 @@ class ChatSession:
             raise ValueError("the message is empty; type a question")
         if self.messages and self.messages[-1].role == USER:
             raise ValueError("the last question has no answer yet; call respond() or regenerate()")
-        new_images = [] if image is None else [_Image(next(_uids), load_image(image))]
+        new_images = [] if image is None else [_Image(next(self._uids), load_image(image))]
         self.messages.append(Message(USER, text.strip(), len(new_images)))
         self._images += new_images
         try:

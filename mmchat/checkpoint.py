@@ -95,9 +95,13 @@ def read_config(folder: str | Path) -> ModelConfig:
             f"convert a LLaVA folder first with `python -m mmchat.convert SRC DST`"
         )
     try:
-        return ModelConfig.from_dict(json.loads(path.read_text()))
+        data = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{path} is not valid JSON ({e}); restore it or re-convert the checkpoint") from None
+    try:
+        return ModelConfig.from_dict(data)
+    except (TypeError, ValueError) as e:  # name the file: it is what the user fixes
+        raise ValueError(f"{e} in {CONFIG_FILE} ({path})") from None
 
 
 def read_projector_state(folder: str | Path) -> dict:

@@ -69,7 +69,7 @@ class ModelConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ValueError(f"unknown keys in the model config: {unknown}")
+            raise ValueError(f"unknown keys {unknown}")
         data = dict(data)
         data["vision"] = VisionConfig(**data.get("vision", {}))
         data["projector"] = ProjectorConfig(**data.get("projector", {}))

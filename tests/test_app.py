@@ -6,21 +6,23 @@ Stop keeps a partial answer, each bad input gets its own message and the app kee
 """
 from __future__ import annotations
 
+import html
+import re
 import threading
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+from types import SimpleNamespace
 
 import numpy as np
 import psutil
 import pytest
 from PIL import Image
 
-gradio_client = pytest.importorskip("gradio_client")
-from gradio_client import Client, handle_file  # noqa: E402
-from gradio_client.exceptions import AppError  # noqa: E402
+from gradio_client import Client, handle_file
+from gradio_client.exceptions import AppError
 
-from mmchat.serving.examples import EXAMPLES, draw, example_path  # noqa: E402
+from mmchat.serving.examples import EXAMPLES, draw, example_path
 
 RED_CIRCLE = str(example_path(EXAMPLES[0]))
 TWO_CIRCLES = str(example_path(EXAMPLES[3]))
@@ -189,6 +191,46 @@ def test_bad_input_gets_its_message_and_the_app_keeps_serving(client, images, up
     assert text_of(send(client, "And now?")[-1][-1]), "the next good request is answered"
 
 
+def test_api_clients_get_error_text_unescaped(client):
+    send(client, "What colour is the circle?", RED_CIRCLE)
+    with pytest.raises(AppError) as error:
+        send(client, "red " * 1000)
+    assert re.fullmatch(r"the message needs \d+ tokens but the model's context holds 512; shorten the message",
+                        error.value.message), error.value.message
+    assert error.value.title == "Can't do that"
+
+
+def test_only_the_browser_modal_gets_html_escaped_errors(monkeypatch):
+    """The modal renders a message as HTML; API clients (gradio_client sends x-gradio-user: api) want text."""
+    import gradio as gr
+
+    import app
+    from mmchat.serving.loaded_model import ServedModel
+    from mmchat.serving.sessions import Conversation, SessionPool
+
+    summary = "No model loaded: <model>'s folder is empty"
+    browser = SimpleNamespace(headers={"x-gradio-user": "app"}, session_hash="tab")
+    api = SimpleNamespace(headers={"x-gradio-user": "api"}, session_hash="api")
+    curl = SimpleNamespace(headers={}, session_hash="curl")
+    for request, expected in [(browser, html.escape(summary)), (api, summary), (curl, summary)]:
+        with pytest.raises(gr.Error) as error:
+            app.Handlers(ServedModel(None, summary), None, lambda fn: fn).undo(request)
+        assert (error.value.message, error.value.title) == (expected, "No model")
+
+    def failing(*args):
+        yield "Half an"
+        raise RuntimeError("CUDA out of memory")
+
+    monkeypatch.setattr(Conversation, "ask", failing)
+    model = SimpleNamespace(config=SimpleNamespace(template="llava_v1"))
+    h = app.Handlers(ServedModel(model, "tiny"), SessionPool(model), lambda fn: fn)
+    with pytest.raises(gr.Error) as error:
+        list(h.send({"text": "Why?", "files": []}, 0.0, 0.7, 8, browser))
+    assert error.value.title == "Generation failed"  # not re-worded as a refused request
+    assert error.value.message == ("generation failed (RuntimeError: CUDA out of memory); press Regenerate to try again "
+                                   "or Undo to remove the question")
+
+
 @pytest.mark.parametrize("upload", ["cmyk.jpg", "rgba.png", "palette.gif", "deep.png", "animated.gif"])
 def test_unusual_images_are_answered(client, images, upload):
     final = send(client, "What colour is it?", str(images / upload))[-1]
@@ -262,9 +304,9 @@ def test_a_model_that_fails_to_load_is_explained_on_the_page(tmp_path):
     finally:
         server.stop()
     line = next(line for line in server.output().splitlines() if line.startswith("No model loaded"))
-    assert str(broken) in line and "unknown keys in mmchat.json" in line and "--model" in line
+    assert str(broken) in line and "unknown keys ['bogus'] in mmchat.json" in line and "--model" in line
     assert "No model loaded" in str(error.value)
-    assert "unknown keys in mmchat.json" in page_config
+    assert "unknown keys ['bogus'] in mmchat.json" in page_config
 
 
 def test_missing_demo_model_says_which_model_to_pass(tmp_path, monkeypatch):

@@ -1,14 +1,16 @@
 """Chat sessions: KV-cache reuse equals full re-prefill, edits, stop, context limits, 4-bit."""
+import copy
+
 import pytest
 import torch
 from PIL import Image
 
 from mmchat.chat import ChatSession, ContextError
-from mmchat.conversation import render
+from mmchat.conversation import Message, render
 from mmchat.generate import GenerationConfig
 from mmchat.image import preprocess
 from mmchat.model import LoadOptions, load_model
-from mmchat.templates import get_template
+from mmchat.templates import IMAGE_TOKEN, USER, get_template
 
 GREEDY = GenerationConfig(max_new_tokens=10, temperature=0.0)
 
@@ -80,6 +82,10 @@ def test_undo_regenerate_and_new_image_mid_conversation(model, red):
     assert naive_greedy(model, s.messages[:3], [red, blue], GREEDY.max_new_tokens) == s.messages[3].text
     s.undo()
     assert len(s.messages) == 2 and len(s.images) == 1
+    # Same question, another image: the cache still holds blue's slots and must not serve them for green.
+    green = Image.new("RGB", (30, 30), (20, 200, 20))
+    "".join(s.ask("And this one?", green, GREEDY))
+    assert naive_greedy(model, s.messages[:3], [red, green], GREEDY.max_new_tokens) == s.messages[3].text
     s.clear()
     assert s.messages == [] and s.images == [] and s.cached_tokens == 0
 
@@ -94,10 +100,33 @@ def test_stop_keeps_the_partial_answer(model, red):
     assert full.startswith(first.strip())
 
 
-def test_text_only_chat_and_typed_image_marker(model):
+def test_typed_image_marker_stays_text_and_opens_no_slot(model, red):
+    template = get_template(model.config.template)
     s = ChatSession(model)
-    answer = "".join(s.ask("Hello <image> there", None, GREEDY))
-    assert isinstance(answer, str) and s.messages[0].images == 0
+    "".join(s.ask("Hello <image> there", None, GREEDY))
+    assert s.messages[0].text == "Hello <image> there" and s.messages[0].images == 0
+    typed = render(s.messages[:1], template, model.tokenizer, model.image_tokens, add_generation_prompt=True)
+    assert s.last_stats.prompt_tokens == len(typed)  # what the session fed the model
+    assert not any(typed.image_mask) and typed.num_images == 0
+    # The marker is kept as text: it costs text tokens and decodes back into the prompt.
+    plain = render([Message(USER, "Hello there")], template, model.tokenizer, model.image_tokens, add_generation_prompt=True)
+    assert len(typed) > len(plain)
+    assert "image> there" in model.tokenizer.decode(typed.input_ids)
+
+    # With a real image too: exactly one image's slots, and the answer is the reference decoding's.
+    s = ChatSession(model)
+    answer = "".join(s.ask("What is <image> here?", red, GREEDY))
+    both = render(s.messages[:1], template, model.tokenizer, model.image_tokens, add_generation_prompt=True)
+    assert s.messages[0].images == 1 and both.num_images == 1 and sum(both.image_mask) == model.image_tokens
+    assert s.last_stats.prompt_tokens == len(both)
+    assert naive_greedy(model, s.messages[:1], [red], GREEDY.max_new_tokens) == answer.strip()
+
+    # A tokenizer that knows <image> as a token (llava-hf's) must not get that token from typed text.
+    tokenizer = copy.deepcopy(model.tokenizer)
+    tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
+    image_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    r = render(s.messages[:1], template, tokenizer, model.image_tokens, add_generation_prompt=True, image_token_id=image_id)
+    assert sum(r.image_mask) == model.image_tokens and r.input_ids.count(image_id) == model.image_tokens
 
 
 def test_bad_input_changes_nothing(model, red):
@@ -123,11 +152,20 @@ def test_old_turns_are_dropped_to_fit_the_context(model, red):
     assert len(s.messages) == 16  # the history itself is kept; only what the model sees is cut
 
 
-def test_sampling_is_reproducible_with_a_seed(model, red):
-    gen = GenerationConfig(max_new_tokens=8, temperature=1.0, top_p=0.9, seed=3)
-    a = "".join(ChatSession(model).ask("Describe it.", red, gen))
-    b = "".join(ChatSession(model).ask("Describe it.", red, gen))
-    assert a == b
+def test_sampling_follows_the_seed(model, red):
+    def sample(seed: int | None, temperature: float = 1.5) -> list[int]:
+        s = ChatSession(model)
+        "".join(s.ask("Describe it.", red, GenerationConfig(max_new_tokens=8, temperature=temperature, top_p=1.0, seed=seed)))
+        return s.last_stats.answer_ids
+
+    torch.manual_seed(0)
+    a = sample(3)
+    torch.manual_seed(1)  # the global RNG plays no part: only the seed does
+    assert sample(3) == a
+    by_seed = {seed: sample(seed) for seed in range(6)}
+    assert len({tuple(ids) for ids in by_seed.values()}) > 1, f"every seed gave the same answer: {by_seed}"
+    greedy = sample(None, temperature=0.0)
+    assert any(ids != greedy for ids in by_seed.values()), "sampling decoded greedily"
 
 
 def test_image_slots_and_features_must_agree(model):

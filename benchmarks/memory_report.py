@@ -203,12 +203,10 @@ def report(data: dict, out: Path) -> int:
 
 
 def _plot(data: dict, ms: list[Measurement], coef: Coefficients, prec, path: Path) -> None:
-    import matplotlib
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.8))
+    fig = Figure(figsize=(13, 4.8))
+    ax1, ax2 = fig.subplots(1, 2)
     fit_prec = _fit_precision(data)
     for checkpointing, marker in ((True, "o"), (False, "s")):
         sel = [m for m in ms if m.work.gradient_checkpointing == checkpointing]

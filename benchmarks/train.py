@@ -288,12 +288,10 @@ def report(data: dict, out: Path) -> int:
 
 
 def _plot(data: dict, path: Path) -> None:
-    import matplotlib
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(14, 4))
+    fig = Figure(figsize=(14, 4))
+    ax1, ax2, ax3 = fig.subplots(1, 3)
     names = list(data["engines"])
     ax1.bar(names, [data["engines"][n]["tokens_per_s"] for n in names], color=["grey", "C0", "C9"][:len(names)])
     plain = data["engines"]["plain"]["tokens_per_s"]

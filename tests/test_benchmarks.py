@@ -89,14 +89,18 @@ def test_llava_mix_records_are_valid_and_spread_like_the_mix():
     from finetune.data.check import conversation_problems
 
     lexicon = WORDS.split()
+    random.seed(1)
+    state = random.getstate()
     records = make_records(600, lexicon, ["a.png"], tokens_per_word=1.5, seed=3)
-    assert records == make_records(600, lexicon, ["a.png"], tokens_per_word=1.5, seed=3)
+    assert random.getstate() == state  # make_records leaves the global RNG alone...
+    random.seed(2)
+    assert records == make_records(600, lexicon, ["a.png"], tokens_per_word=1.5, seed=3)  # ...and ignores it
+    assert records != make_records(600, lexicon, ["a.png"], tokens_per_word=1.5, seed=4)
     assert not [p for r in records if (p := conversation_problems(r))]
     text_only = sum("image" not in r for r in records) / len(records)
     assert text_only == pytest.approx(next(c.share for c in MIX if not c.image), abs=0.03)
     turns = np.array([len(r["conversations"]) // 2 for r in records])
     assert turns.min() == 1 and turns.max() >= 8 and np.median(turns) <= 4  # many short VQA, some long
-    assert random.Random(0).random() == random.Random(0).random()  # make_records leaves the global RNG alone
 
 
 def test_tensor_count_of_a_loaded_stage2_model_matches_the_memory_model(tiny_checkpoint):
@@ -143,3 +147,56 @@ def test_train_benchmark_engines_see_the_same_tokens(tiny_llava_hf_dir, tmp_path
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[-1].startswith("headline: training tokens/s, mmchat ÷ plain transformers + peft: ")
     assert (cfg.out / "train.json").is_file() and (cfg.out / "train.png").is_file()
+
+
+def _logits(*rows):
+    import torch
+
+    return torch.tensor(rows, dtype=torch.float32)
+
+
+def test_greedy_engines_may_differ_only_at_a_near_tie():
+    from benchmarks.agreement import compare_turn, is_near_tie, margins
+
+    # step 0: both pick token 1; step 1: tokens 2 and 3 nearly tied, rounding tips them apart
+    a = _logits([0.0, 3.0, 1.0, 0.0, -1.0], [0.5, 0.0, 2.0, 2.001, 0.0])
+    b = _logits([0.0, 3.0, 1.0, 0.0, -1.0], [0.5, 0.0, 2.0015, 2.0005, 0.0])
+    assert margins(a[1], b[1], 3, 2) == pytest.approx((0.001, 0.001), abs=1e-5)
+    tie = compare_turn([1, 3], [1, 2], a, b, tol=0.01)
+    assert tie["ok"] and tie["diverged_at"] == 1 and tie["compared"] == 2 and tie["tokens"] == [3, 2]
+    assert tie["max_logit_diff"] == pytest.approx(0.0015, abs=1e-5)
+    assert tie["near_tie_positions"] == 1  # step 1's top two are within the tolerance, step 0's are not
+    # the same flip with a tolerance below the margins, and engines each sure of a different token, fail
+    assert not compare_turn([1, 3], [1, 2], a, b, tol=1e-4)["ok"]
+    sure = _logits([0.0, 3.0, 1.0, 0.0, -1.0], [0.5, 0.0, 4.0, 2.0, 0.0])
+    far = compare_turn([1, 3], [1, 2], a, sure, tol=0.01)
+    assert not far["ok"] and far["margins"] == pytest.approx([0.001, 2.0], abs=1e-5)
+    assert is_near_tie(0.004, 0.01, 0.01) and not is_near_tie(0.0, 0.011, 0.01)
+    # the same tokens pass whatever the logits; a sequence that ends sooner is compared as far as it goes
+    same = compare_turn([1, 3], [1, 3, 4], a, _logits(*a.tolist(), [0.0] * 5), tol=0.01)
+    assert same["ok"] and same["diverged_at"] is None and same["compared"] == 2
+
+
+def test_chat_report_checks_agreement_and_keeps_its_headline(tmp_path, capsys):
+    from benchmarks.agreement import compare_engines
+    from benchmarks.chat import report
+
+    logits = [_logits([0.0, 3.0, 1.0, 0.0, -1.0], [0.5, 0.0, 2.0, 2.001, 0.0])] * 2
+    near = [_logits([0.0, 3.0, 1.0, 0.0, -1.0], [0.5, 0.0, 2.002, 2.0, 0.0])] * 2
+    far = [logits[0], _logits([0.0, 3.0, 1.0, 0.0, -1.0], [0.5, 0.0, 3.0, 2.0, 0.0])]
+
+    def turns(engine, second_turn):
+        return [{"ttft_s": 1.0 if engine == "reference" else 0.1 * (i + 1), "decode_tps": 20.0, "peak_mb": 100.0,
+                 "prompt_tokens": 50 * (i + 1), "prefilled_tokens": 50 if engine == "mmchat" else 50 * (i + 1),
+                 "session_overhead_s_per_token": 1e-4, "session_overhead_share": 0.01,
+                 "chosen": [1, 3] if i == 0 else second_turn} for i in range(2)]
+
+    for other, second, code in ((near, [1, 2], 0), (far, [1, 3], 0), (far, [1, 2], 1)):
+        ref, mm = turns("reference", [1, 3]), turns("mmchat", second)
+        data = {"config": {"precisions": ["4bit"]}, "shape": "tiny", "machine": "test",
+                "turns": {"reference/4bit": ref, "mmchat/4bit": mm},
+                "agreement": {"4bit": compare_engines(ref, mm, logits, other, "4bit")}}
+        assert report(data, tmp_path) == code
+        lines = capsys.readouterr().out.strip().splitlines()
+        assert lines[-1].startswith("FAIL: " if code else "headline: turn-2 time to first token, reference ÷ mmchat: ")
+    assert (tmp_path / "chat.json").is_file() and (tmp_path / "chat.png").is_file()

@@ -39,25 +39,23 @@ def make_optimizer(groups: list[dict], cfg: TrainConfig, device: torch.device) -
     return optimizer(groups, **kwargs)
 
 
-def warmup_cosine(step: int, warmup: int, total: int) -> float:
-    """LR factor of the demo's pretraining loops: linear warmup over `warmup` steps, cosine to 0 at `total`."""
+def lr_factor(step: int, warmup: int, total: int, decay: str = "cosine", hold: int = 0) -> float:
+    """The learning rate's multiplier at 0-based `step` of `total`: a linear warmup over `warmup` steps
+    (1/(warmup+1) .. warmup/(warmup+1): no step is wasted at 0), `hold` steps at the peak, then
+    `decay` ("cosine", "linear" or "constant") from 1 at step warmup + hold to 0 at `total`.
+    The one schedule of the training kit (hold 0) and the demo's pretraining."""
     if step < warmup:
-        return (step + 1) / warmup
-    return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+        return (step + 1) / (warmup + 1)
+    if step < warmup + hold or decay == "constant":
+        return 1.0
+    progress = (step - warmup - hold) / max(1, total - warmup - hold)
+    if decay == "linear":
+        return max(0.0, 1.0 - progress)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int):
-    """Linear warmup over --warmup-ratio of the steps, then cosine / linear decay to 0, or constant."""
+    """`lr_factor` with --lr-scheduler's decay after a warmup over --warmup-ratio of the steps."""
     warmup = math.ceil(cfg.warmup_ratio * total_steps)
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / (warmup + 1)
-        if cfg.lr_scheduler == "constant":
-            return 1.0
-        progress = (step - warmup) / max(1, total_steps - warmup)
-        if cfg.lr_scheduler == "linear":
-            return max(0.0, 1.0 - progress)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    decay = cfg.lr_scheduler
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, warmup, total_steps, decay))

@@ -3,22 +3,22 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from mmchat.checkpoint import atomic_file
+
 
 def plot_loss(history: list[dict], path: Path, title: str = "") -> Path | None:
     """Loss per optimizer step (with a moving average) and the learning rate; None without steps."""
     if not history:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display needed
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: no backend to choose, no global figure list
 
     steps = [r["step"] for r in history]
     losses = [r["loss"] for r in history]
     window = max(1, len(losses) // 20)
     smooth = [sum(losses[max(0, i - window + 1):i + 1]) / len(losses[max(0, i - window + 1):i + 1])
               for i in range(len(losses))]
-    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
+    fig = Figure(figsize=(8, 4.5), dpi=100)
+    ax = fig.subplots()
     ax.plot(steps, losses, color="tab:blue", alpha=0.35, linewidth=1, label="loss")
     ax.plot(steps, smooth, color="tab:blue", linewidth=2, label=f"mean of {window}" if window > 1 else None)
     ax.set_xlabel("optimizer step")
@@ -31,8 +31,6 @@ def plot_loss(history: list[dict], path: Path, title: str = "") -> Path | None:
     ax.legend(lines, [line.get_label() for line in lines], loc="upper right")
     ax.set_title(title)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    tmp.replace(path)
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp)
     return path

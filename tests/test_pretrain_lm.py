@@ -65,7 +65,9 @@ def test_pretraining_runs_the_mix_then_phases_of_lookups_taking_turns_with_it(to
     cfg = LmConfig(hidden=32, layers=1, heads=2, intermediate=64, conversations=40, steps=2, batch_size=4, warmup=1,
                    turns=(Turns((colour, shape), 3), Turns((yes_no,), 4)))
     lines = []
+    rng_state = torch.get_rng_state()
     result = pretrain_lm(cfg, tokenizer, tmp_path / "lm", log=lines.append)
+    assert torch.equal(torch.get_rng_state(), rng_state), "pretraining seeds its own RNG, not the caller's"
     assert [r["step"] for r in result.history] == list(range(1, 10))
     assert [turn_of(cfg, step) for step in range(9)] == [None, None, colour, shape, None, yes_no, None, yes_no, None]
     assert ("lm: steps 3-5: batches take turns: colour questions about 2-2 shapes, shape questions about 2-3 shapes, "

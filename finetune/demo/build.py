@@ -71,10 +71,8 @@ class DemoConfig:
     re-running stages 1-2 then takes minutes, not the pretraining's 50."""
     threads: int = 1
     """Torch threads per process. When another process holds a core, two threads wait on each
-    other (4× slower measured), so the CLIP and the LLM first train side by side on one core
-    each; the LLM, the long pole, doubles its threads when the CLIP is done (one mix step of the
-    full build's LLM: ~0.7 s on one thread beside the CLIP, 0.38 s on two), and so do stages 1-2,
-    which run alone."""
+    other, so the CLIP and the LLM first train side by side on one core each; the LLM, the long
+    pole, doubles its threads when the CLIP is done, and so do stages 1-2, which run alone."""
 
     def set(self, kind: str, records: int, seed: int) -> SyntheticSet:
         return SyntheticSet(self.work / f"data-{kind}", seed, records, self.clip.image_size,
@@ -88,16 +86,14 @@ def full_config(out: Path, work: Path) -> DemoConfig:
     # After the mix, lookup batches take turns with it: colour twice, as finding a shape by its kind
     # is the slowest of the three to form. Then yes/no joins the turns: the others wear down "no" to
     # a shape that is not there, and checking two attributes of one shape forms only once finding
-    # it has (in one phase with the others, 1440 steps: "no" stayed at 67-71%). Measured in
-    # `finetune.demo.lookups.lookup_samples`.
+    # it has, so not in the same phase.
     colour, position, shape, yes_no = (Lookups((kind,)) for kind in ("colour", "position", "shape", "yes/no"))
     lm = LmConfig(conversations=40000, steps=4400, batch_size=64, lr=1e-3,
                   turns=(Turns((colour, colour, position, shape), 1200),
                          Turns((colour, colour, position, shape, yes_no), 800)))
-    # Stages 1-2 on the same pretrained parts, whole model in 4-bit: stage 2 on 36000 conversations
-    # instead of 24000, 91.9% -> 95.0% (its held-out curve was still rising); stage 1 on 40000
-    # captions instead of 20000, 95.0% -> 95.5% (where a shape is among three: 69% -> 77%).
-    # All seven of stage 2's checkpoints are kept: each is a point of the card's held-out curve.
+    # Stages 1-2 on as many records as paid off in held-out accuracy (stage 2's curve was still
+    # rising with fewer). All seven of stage 2's checkpoints are kept: each is a point of the card's
+    # held-out curve.
     return DemoConfig(out, work, clip=clip, lm=lm, align_records=40000, instruct_records=36000,
                       instruct_flags=["--save-every", "300", "--keep-checkpoints", "8"], curve_every=300)
 
@@ -178,7 +174,7 @@ def build(cfg: DemoConfig) -> dict:
     else:  # the card reports the build as it ran, pretraining included
         steps.times[pretraining] = earlier["seconds"]
         steps.started -= earlier["seconds"]
-    alone = 2 * cfg.threads  # stages 1-2 run by themselves: both cores (stage 2 of the full build 259 s -> 217 s)
+    alone = 2 * cfg.threads  # stages 1-2 run by themselves: both cores
     with steps.step("stage 1: align"):
         align_cmd = qlora("align", stage0, sets["align"], work / "stage1", cfg.align_flags, alone)
     with steps.step("stage 2: instruct (QLoRA)"):
@@ -314,18 +310,18 @@ def _pretrain_lm(cfg: LmConfig, tokenizer_dir: Path, out: Path, threads: int, cl
 
 def stage0_checkpoint(cfg: DemoConfig, clip, lm, tokenizer) -> Path:
     """The pretrained CLIP tower and LLaMA with a new projector, as an mmchat checkpoint."""
-    import torch
-
+    from finetune.demo.pretrain import seeded
     from mmchat.checkpoint import save_checkpoint
     from mmchat.config import ModelConfig, ProjectorConfig, VisionConfig
     from mmchat.projector import build_projector
 
-    torch.manual_seed(0)
     vision = VisionConfig(open_clip_model="mmchat-demo-clip", pretrained=None, select_layer=cfg.select_layer,
                           select_feature=cfg.select_feature, image_size=cfg.clip.image_size)
     config = ModelConfig(vision=vision, projector=ProjectorConfig("mlp2x_gelu", cfg.clip.width, cfg.lm.hidden),
                          llm="llm", tokenizer="llm", template=cfg.lm.template)
-    return save_checkpoint(cfg.work / "stage0", config, build_projector(config.projector), tokenizer, llm=lm,
+    with seeded(0):  # the projector's initial weights: the same in every build
+        projector = build_projector(config.projector)
+    return save_checkpoint(cfg.work / "stage0", config, projector, tokenizer, llm=lm,
                            vision=clip.model.visual, vision_model_cfg=clip.model_cfg)
 
 

@@ -43,12 +43,10 @@ def accuracy_by_shapes(predictions: Path, world) -> dict[str, dict[str, list[flo
 
 def plot_curves(info: dict, path: Path) -> Path:
     """Four panels: CLIP loss and caption matching, LLM loss, stage-1 and stage-2 loss with held-out accuracy."""
-    import matplotlib
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(2, 2, figsize=(11, 7), dpi=90)
+    fig = Figure(figsize=(11, 7), dpi=90)  # no pyplot: no backend to choose, no global figure list
+    axes = fig.subplots(2, 2)
     clip, lm = info["clip"], info["lm"]
     ax = axes[0][0]
     ax.plot([r["step"] for r in clip], [r["loss"] for r in clip], color="tab:blue", alpha=0.6, label="contrastive loss")
@@ -90,7 +88,6 @@ def plot_curves(info: dict, path: Path) -> Path:
             ax.legend()
     fig.tight_layout()
     fig.savefig(path)
-    plt.close(fig)
     return path
 
 
@@ -166,7 +163,7 @@ def card_text(cfg, info: dict) -> str:
     if lm.turns:
         lookups += (" Each lookup record is a single question about a scene of several shapes: one to find by its "
                     "kind or colour, or whether one of a given colour and kind is there. In the mix alone these "
-                    "lookups do not form (see `finetune.demo.lookups.lookup_samples`).")
+                    "lookups do not form (mmchat's README, \"The demo model\", has what was measured).")
     return f"""# mmchat demo model
 
 A tiny LLaVA-1.5-style model that mmchat builds from nothing on a CPU: it answers questions about

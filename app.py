@@ -22,7 +22,7 @@ from mmchat.generate import GenerationConfig
 from mmchat.serving.config import parse_args
 from mmchat.serving.loaded_model import ServedModel, load_served_model
 from mmchat.serving.sessions import Busy, Conversation, SessionPool, Turn
-from mmchat.templates import TEMPLATES
+from mmchat.templates import CHAT, TEMPLATES
 
 INTRO = ("# mmchat\nChat about images with a LLaVA-1.5-style model. Attach an image with the clip, "
          "drop or paste it into the message box; each new image joins the conversation where you send it.")
@@ -236,7 +236,9 @@ def layout(served: ServedModel, pool: SessionPool | None) -> SimpleNamespace:
                 context = model.max_context if ready else 2048
                 ui.max_tokens = gr.Slider(1, min(2048, context), value=min(512, context // 2), step=1,
                                           label="Max new tokens", elem_id="max-new-tokens")
-                ui.template = gr.Dropdown(sorted(TEMPLATES), value=model.config.template if ready else "llava_v1",
+                # `chat` (the tokenizer's own template) only where the tokenizer has one; the model's is the default
+                choices = [*sorted(TEMPLATES), *([CHAT] if ready and model.tokenizer.chat_template else [])]
+                ui.template = gr.Dropdown(choices, value=model.config.template if ready else "llava_v1",
                                           label="Conversation template", interactive=ready,
                                           info="Changing it starts a new conversation")
             with gr.Accordion("Webcam", open=False):

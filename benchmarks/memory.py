@@ -132,6 +132,7 @@ def measure_shape(job: dict) -> dict:
     from finetune.build import build_model, set_train_mode, trainable_parameters
     from finetune.objective import AnswerLoss
     from finetune.optim import make_optimizer, param_groups
+    from mmchat.conversation import IGNORE_INDEX
     from finetune.train_config import TrainConfig
 
     device = job["device"]
@@ -156,7 +157,7 @@ def measure_shape(job: dict) -> dict:
         ids = torch.randint(4, vocab, (batch, seq), generator=g)
         image_mask = torch.zeros(batch, seq, dtype=torch.bool)
         image_mask[:, 1:1 + slots] = True  # one image per sequence, after BOS, as LLaVA's records
-        labels = torch.full((batch, seq), -100)
+        labels = torch.full((batch, seq), IGNORE_INDEX)
         n = max(1, int(answers * seq))
         labels[:, seq - n:] = ids[:, seq - n:]
         pixels = torch.randn(batch, 3, size, size, generator=g)

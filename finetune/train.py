@@ -40,7 +40,7 @@ from finetune.plots import plot_loss
 from finetune.train_config import TrainConfig
 from finetune.train_log import TrainLog, bar_disabled, format_step, peak_memory_gb, say
 from mmchat.conversation import IGNORE_INDEX
-from mmchat.templates import get_template
+from mmchat.templates import resolve_template
 
 INDEX_FILE = "data_index.npz"
 SUMMARY_FILE = "train_summary.json"
@@ -199,12 +199,12 @@ def _data(cfg: TrainConfig, built: Built, store: RecordStore,
     """Records -> index (rank 0 builds and caches it) -> a DataLoader of this rank's batches."""
     model, main = built.model, accelerator.is_main_process
     progress = False if not main else cfg.progress
-    settings = RenderSettings(model.tokenizer, get_template(cfg.template_name), model.image_tokens,
+    settings = RenderSettings(model.tokenizer, resolve_template(cfg.template_name, model.tokenizer), model.image_tokens,
                               model.config.image_token_id, cfg.max_length)
     data, image_root = Path(cfg.data), Path(cfg.image_root) if cfg.image_root else None
     stat = data.stat()
     fingerprint = "|".join(map(str, (data.resolve(), stat.st_size, stat.st_mtime_ns, model.tokenizer.name_or_path,
-                                     len(model.tokenizer), settings.template.name, settings.image_tokens,
+                                     len(model.tokenizer), settings.template, settings.image_tokens,
                                      settings.image_token_id, cfg.max_length)))
     with accelerator.main_process_first():
         index = load_or_build_index(store, settings, Path(cfg.output_dir) / INDEX_FILE, fingerprint, progress,

@@ -163,9 +163,9 @@ class TrainConfig:
         if self.resume and self.overwrite:
             raise ConfigError("Can't provide both --resume and --overwrite. Choose one.")
         if self.template is not None:
-            from mmchat.templates import get_template
+            from mmchat.templates import check_template_name
 
-            get_template(self.template)
+            check_template_name(self.template)
         if self.stage == "full" and self.load_in in ("4bit", "8bit"):
             raise ConfigError(f"--stage full trains every LLM weight, which --load-in {self.load_in} cannot hold; "
                               "use --load-in 32bit (or 16bit), or --stage instruct for LoRA on a quantised LLM")

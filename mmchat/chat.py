@@ -17,11 +17,11 @@ import torch
 from PIL import Image
 
 from mmchat.conversation import ASSISTANT, USER, Message, Rendered, render
-from mmchat.generate import GenerationConfig, next_token
+from mmchat.generate import GenerationConfig, next_token, stop_ids
 from mmchat.image import load_image, preprocess
 from mmchat.kv_cache import new_cache
 from mmchat.model import MultimodalModel
-from mmchat.templates import get_template
+from mmchat.templates import resolve_template
 
 
 class ContextError(ValueError):
@@ -36,7 +36,7 @@ class TurnStats:
     """Of those, how many were computed now (the rest came from the KV cache)."""
     new_tokens: int = 0
     answer_ids: list[int] = field(default_factory=list)
-    """The generated token ids (EOS excluded), for exact comparisons."""
+    """The generated token ids (the stop token excluded), for exact comparisons."""
     dropped_turns: int = 0
     time_to_first_token: float = 0.0
     decode_seconds: float = 0.0
@@ -70,7 +70,7 @@ class ChatSession:
     last_stats: TurnStats = field(default_factory=TurnStats)
 
     def __post_init__(self) -> None:
-        self._template = get_template(self.template or self.model.config.template)
+        self._template = resolve_template(self.template or self.model.config.template, self.model.tokenizer)
         self._images: list[_Image] = []  # in conversation order
         self._cache = None
         self._cached_keys: list = []  # token id per cached position, ("img", uid) for image slots
@@ -227,6 +227,9 @@ class ChatSession:
     def _generate(self, view: "_View", gen: GenerationConfig) -> Iterator[str]:
         tokenizer = self.model.tokenizer
         stops = self._template.stop_strings
+        end_of_turn = self._template.end_of_turn
+        stop_tokens = stop_ids(self.model.config.stop_token_ids, tokenizer.eos_token_id,
+                               tokenizer.convert_tokens_to_ids(end_of_turn) if end_of_turn else None)
         generator = None
         if gen.seed is not None:
             generator = torch.Generator(device=self.model.device).manual_seed(gen.seed)
@@ -244,7 +247,7 @@ class ChatSession:
                 token = next_token(logits, seen, gen, generator)
                 if not generated:
                     self.last_stats.time_to_first_token = time.perf_counter() - started
-                if token == tokenizer.eos_token_id:
+                if token in stop_tokens:
                     break
                 generated.append(token)
                 text = tokenizer.decode(generated, skip_special_tokens=True)

@@ -21,7 +21,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from mmchat.config import ModelConfig
+# The folder names are defined beside ModelConfig's defaults that use them; users import them from here.
+from mmchat.config import ADAPTER_DIR, LLM_DIR, TOKENIZER_DIR, ModelConfig  # noqa: F401
 
 if TYPE_CHECKING:
     from torch import nn
@@ -31,7 +32,6 @@ if TYPE_CHECKING:
 
 CONFIG_FILE = "mmchat.json"
 PROJECTOR_FILE = "projector.safetensors"
-LLM_DIR, TOKENIZER_DIR, ADAPTER_DIR = "llm", "tokenizer", "adapter"
 
 
 # ---------------------------------------------------------------- writes that land whole

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from mmchat.config import LOAD_IN
 from mmchat.generate import GenerationConfig
-from mmchat.templates import TEMPLATES
+from mmchat.templates import TEMPLATE_NAMES
 
 HELP = "commands: /image PATH (attach to the next question), /undo, /regen, /clear, /quit"
 
@@ -42,7 +42,8 @@ def parse_args(argv: list[str] | None = None) -> CliArgs:
     p.add_argument("--repetition-penalty", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=None, help="sampling seed, for reproducible answers")
     p.add_argument("--load-in", choices=LOAD_IN, help="LLM weight precision (default: 4bit on a GPU, 32bit on a CPU)")
-    p.add_argument("--template", choices=sorted(TEMPLATES), help="conversation template (default: the checkpoint's)")
+    p.add_argument("--template", choices=TEMPLATE_NAMES,
+                   help="conversation template; chat = the tokenizer's own chat template (default: the checkpoint's)")
     p.add_argument("--device", help="cuda, cuda:N or cpu (default: cuda when available)")
     p.add_argument("--json", action="store_true", help='print only {"answers": [...]} on stdout')
     a = p.parse_args(argv)

@@ -8,6 +8,9 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 SELECT_FEATURES = ("patch", "cls_patch", "cls")
+RESIZE_MODES = ("shortest_edge", "exact")
+# PIL's resampling filter codes, as image processor configs write them (`resample: 3`).
+RESAMPLE_FILTERS = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
 PROJECTOR_TYPES = ("linear", "mlp2x_gelu")
 LOAD_IN = ("4bit", "8bit", "16bit", "32bit")
 
@@ -24,16 +27,40 @@ class VisionConfig:
     select_feature: str = "patch"
     """`patch` drops CLS (LLaVA), `cls_patch` keeps it first, `cls` keeps only the global token."""
     image_size: int = 336
+    """Side of the square the tower sees: the centre crop, or the plain resize's height and width."""
     mean: tuple[float, float, float] = CLIP_MEAN
     std: tuple[float, float, float] = CLIP_STD
     pad_to_square: bool = True
-    """LLaVA-1.5 (`image_aspect_ratio: pad`) centres the image on a square of the mean colour."""
+    """LLaVA-1.5 (`image_aspect_ratio: pad`) centres the image on a square of the mean colour;
+    llava-hf processors do so only with `do_pad` (hub llava-hf/llava-1.5-7b-hf does not)."""
+    resize: str = "shortest_edge"
+    """`shortest_edge`: the short side to `shortest_edge`, aspect kept, then a centre crop of
+    image_size × image_size (CLIP, LLaVA-1.5); `exact`: straight to image_size × image_size,
+    aspect not kept, no crop (SigLIP's `size: {height, width}`)."""
+    shortest_edge: int | None = None
+    """With `resize: shortest_edge`, the short side before the crop; None = image_size."""
+    resample: int = 3
+    """PIL filter code, as processor configs write it: 3 bicubic (CLIP, SigLIP), 2 bilinear."""
+    rescale: bool = True
+    """Multiply the 8-bit pixels by `rescale_factor` (transformers' `do_rescale`)."""
+    rescale_factor: float = 1 / 255
+    normalize: bool = True
+    """Subtract `mean` and divide by `std` (transformers' `do_normalize`)."""
+    convert_rgb: bool = True
+    """Convert other modes to RGB (alpha on white). `load_image` always does; False makes
+    `preprocess` refuse a non-RGB image instead (transformers' `do_convert_rgb`)."""
 
     def __post_init__(self) -> None:
         if self.select_feature not in SELECT_FEATURES:
             raise ValueError(f"select_feature={self.select_feature!r}; choose one of {SELECT_FEATURES}")
         if self.select_layer == 0:
             raise ValueError("select_layer=0 is the embedding output, not a block; use -2 (LLaVA) or a block number")
+        if self.resize not in RESIZE_MODES:
+            raise ValueError(f"resize={self.resize!r}; choose one of {RESIZE_MODES}")
+        if self.resample not in RESAMPLE_FILTERS:
+            raise ValueError(f"resample={self.resample!r}: not a PIL filter code; use one of {RESAMPLE_FILTERS}")
+        if self.shortest_edge is not None and self.shortest_edge < self.image_size:
+            raise ValueError(f"shortest_edge={self.shortest_edge} is below image_size={self.image_size}: the crop would not fit")
         self.mean, self.std = tuple(self.mean), tuple(self.std)
 
 
@@ -48,14 +75,18 @@ class ProjectorConfig:
             raise ValueError(f"projector type={self.type!r}; choose one of {PROJECTOR_TYPES}")
 
 
+# The checkpoint's folders (mmchat.checkpoint owns the format; the defaults below name them).
+LLM_DIR, TOKENIZER_DIR, ADAPTER_DIR = "llm", "tokenizer", "adapter"
+
+
 @dataclass
 class ModelConfig:
     vision: VisionConfig = field(default_factory=VisionConfig)
     projector: ProjectorConfig = field(default_factory=ProjectorConfig)
-    llm: str = "llm"
+    llm: str = LLM_DIR
     """The language model: a folder inside the checkpoint, or a base model's path or hub id
     (when `adapter` holds the fine-tuned part)."""
-    tokenizer: str = "llm"
+    tokenizer: str = LLM_DIR
     """Tokenizer folder inside the checkpoint, a path, or a hub id."""
     adapter: str | None = None
     """A PEFT LoRA adapter folder inside the checkpoint, applied on top of `llm`."""
@@ -63,6 +94,15 @@ class ModelConfig:
     image_token_id: int | None = None
     """Token id written into image slots (the embeddings there are replaced by image features).
     Kept for export to llava-hf, whose models expect their own `<image>` id; None uses pad/unk."""
+    stop_token_ids: list[int] | None = None
+    """Generation ends at any of these ids (a llava-hf folder's `generation_config.json`
+    `eos_token_id` plus the tokenizer's EOS); None = the tokenizer's EOS only."""
+
+    def __post_init__(self) -> None:
+        if self.stop_token_ids is not None:
+            if not self.stop_token_ids:
+                raise ValueError("stop_token_ids=[] would never stop; use null for the tokenizer's EOS")
+            self.stop_token_ids = [int(t) for t in self.stop_token_ids]
 
     @classmethod
     def from_dict(cls, data: dict) -> "ModelConfig":

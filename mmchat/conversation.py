@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from mmchat.templates import ANSWER, ASSISTANT, IMAGE, IMAGE_TOKEN, USER, Segment, Template, segments
+from mmchat.templates import ANSWER, ASSISTANT, CHAT, IMAGE, IMAGE_TOKEN, USER, Segment, Template, chat_text, segments
 
 IGNORE_INDEX = -100
 LLAVA_ROLES = {"human": USER, "gpt": ASSISTANT}
@@ -95,12 +95,15 @@ def render(
     The prompt is split at image slots; each text chunk is tokenised whole without special
     tokens (LLaVA's `tokenizer_image_token`), one BOS goes first, and each slot becomes
     `image_tokens` positions. Labels are the token ids on answer text (answers and their
-    closing `</s>`), IGNORE_INDEX elsewhere.
+    closing `</s>`), IGNORE_INDEX elsewhere. The `chat` style is tokenised as transformers
+    does (`_render_chat`).
     """
     check_roles(messages, add_generation_prompt)
     if escape:
         specials = list(tokenizer.all_special_tokens) + list(tokenizer.get_added_vocab())
         messages = [Message(m.role, escape_special_text(m.text, specials), m.images) for m in messages]
+    if template.style == CHAT:
+        return _render_chat(messages, template, tokenizer, image_tokens, add_generation_prompt, image_token_id)
     slot_id = image_token_id if image_token_id is not None else _placeholder_id(tokenizer)
     out = Rendered()
     if tokenizer.bos_token_id is not None:
@@ -133,16 +136,21 @@ def _append(out: Rendered, ids: list[int], labelled: list[bool]) -> None:
 
 
 def _tokenise_chunk(out: Rendered, chunk: list[Segment], tokenizer) -> None:
-    text = "".join(s.text for s in chunk)
-    if not text:
-        return
     spans, pos = [], 0
     for s in chunk:
         if s.kind == ANSWER:
             spans.append((pos, pos + len(s.text)))
         pos += len(s.text)
+    _tokenise_text(out, "".join(s.text for s in chunk), spans, tokenizer)
+
+
+def _tokenise_text(out: Rendered, text: str, spans: list[tuple[int, int]], tokenizer, offset: int = 0) -> None:
+    """Append `text` tokenised whole, without special tokens; labelled where a token overlaps
+    an answer span (spans count characters from `offset` before the text)."""
+    if not text:
+        return
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    labelled = [_in_answer(start, end, spans) for start, end in enc["offset_mapping"]]
+    labelled = [_in_answer(offset + start, offset + end, spans) for start, end in enc["offset_mapping"]]
     _append(out, list(enc["input_ids"]), labelled)
 
 
@@ -154,3 +162,67 @@ def _in_answer(start: int, end: int, spans: list[tuple[int, int]]) -> bool:
             return True
     return False
 
+
+
+def _render_chat(messages: list[Message], template: Template, tokenizer, image_tokens: int,
+                 add_generation_prompt: bool, image_token_id: int | None) -> Rendered:
+    """`chat` style: the Jinja-rendered string tokenised as transformers tokenises it.
+
+    Special tokens follow `processor.apply_chat_template(..., tokenize=True)`: the tokenizer's own
+    (`add_special_tokens=True`: LLaMA's BOS, none for Qwen), except no second BOS when the
+    template writes one itself (Llama-3, Gemma). When the tokenizer has `<image>` as a token
+    (llava-hf's do), each placeholder becomes `image_tokens` copies of it and the whole string is
+    tokenised in one call, as llava-hf processors do: the ids equal
+    `tokenizer(expanded_prompt)`. Otherwise the string is split at the placeholders and each
+    piece tokenised alone (LLaVA's `tokenizer_image_token`); then a sentencepiece tokenizer puts
+    its prefix space at the start of each piece, which one call would not do after an image.
+    """
+    text, spans = chat_text(template, messages, tokenizer, add_generation_prompt)
+    special = not (tokenizer.bos_token and text.startswith(tokenizer.bos_token))
+    if IMAGE_TOKEN in tokenizer.get_added_vocab():
+        return _chat_one_call(text, spans, tokenizer, image_tokens, special, image_token_id)
+    out = Rendered()
+    prefix, suffix = _special_affixes(tokenizer) if special else ([], [])
+    _append(out, prefix, [False] * len(prefix))
+    slot_id = image_token_id if image_token_id is not None else _placeholder_id(tokenizer)
+    pos = 0
+    for k, piece in enumerate(text.split(IMAGE_TOKEN)):
+        if k:
+            out.input_ids += [slot_id] * image_tokens
+            out.labels += [IGNORE_INDEX] * image_tokens
+            out.image_mask += [True] * image_tokens
+            pos += len(IMAGE_TOKEN)
+        _tokenise_text(out, piece, spans, tokenizer, offset=pos)
+        pos += len(piece)
+    _append(out, suffix, [False] * len(suffix))
+    return out
+
+
+def _chat_one_call(text: str, spans: list[tuple[int, int]], tokenizer, image_tokens: int, special: bool,
+                   image_token_id: int | None) -> Rendered:
+    pieces = text.split(IMAGE_TOKEN)
+    expanded = (IMAGE_TOKEN * image_tokens).join(pieces)
+    grow = (image_tokens - 1) * len(IMAGE_TOKEN)  # characters each placeholder gains
+    spans = [(a + grow * text.count(IMAGE_TOKEN, 0, a), b + grow * text.count(IMAGE_TOKEN, 0, a)) for a, b in spans]
+    enc = tokenizer(expanded, add_special_tokens=special, return_offsets_mapping=True)
+    image_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    out = Rendered()
+    for tok, (start, end) in zip(enc["input_ids"], enc["offset_mapping"]):
+        is_image = tok == image_id
+        out.input_ids.append(image_token_id if is_image and image_token_id is not None else tok)
+        out.labels.append(tok if not is_image and _in_answer(start, end, spans) else IGNORE_INDEX)
+        out.image_mask.append(is_image)
+    if sum(out.image_mask) != image_tokens * (len(pieces) - 1):
+        raise ValueError(f"{len(pieces) - 1} image(s) need {image_tokens * (len(pieces) - 1)} {IMAGE_TOKEN} tokens "
+                         f"but tokenizer {tokenizer.name_or_path!r} made {sum(out.image_mask)}")
+    return out
+
+
+def _special_affixes(tokenizer) -> tuple[list[int], list[int]]:
+    """The ids the tokenizer adds before and after a text (e.g. LLaMA's BOS, nothing for Qwen)."""
+    bare = tokenizer("a", add_special_tokens=False)["input_ids"]
+    full = tokenizer("a", add_special_tokens=True)["input_ids"]
+    for k in range(len(full) - len(bare) + 1):
+        if full[k:k + len(bare)] == bare:
+            return full[:k], full[k + len(bare):]
+    raise ValueError(f"tokenizer {tokenizer.name_or_path!r}: cannot tell which special tokens it adds to a text")

@@ -1,4 +1,4 @@
-"""Sampling settings and next-token choice (temperature, top-p, repetition penalty)."""
+"""Sampling settings, next-token choice (temperature, top-p, repetition penalty) and stop ids."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -29,6 +29,16 @@ class GenerationConfig:
     @property
     def greedy(self) -> bool:
         return self.temperature < 1e-5
+
+
+def stop_ids(stop_token_ids: list[int] | None, eos_token_id: int | None,
+             end_of_turn_id: int | None = None) -> frozenset[int]:
+    """The ids that end an answer: a checkpoint's `stop_token_ids` (ModelConfig; a converted folder's
+    generation config, kept exactly so answers end where transformers' do), else the tokenizer's
+    EOS and the chat template's end-of-turn token (`<|im_end|>` when EOS is `<|endoftext|>`)."""
+    if stop_token_ids is not None:
+        return frozenset(stop_token_ids)
+    return frozenset(t for t in (eos_token_id, end_of_turn_id) if t is not None)
 
 
 def next_token(

@@ -1,4 +1,4 @@
-"""Reading user images safely and preprocessing them exactly as LLaVA-1.5 does."""
+"""Reading user images safely and preprocessing them exactly as LLaVA-1.5 / transformers' image processors do."""
 from __future__ import annotations
 
 import io
@@ -93,21 +93,35 @@ def expand_to_square(image: Image.Image, colour: tuple[int, int, int]) -> Image.
 
 
 def preprocess(image: Image.Image, cfg: VisionConfig) -> torch.Tensor:
-    """RGB image -> normalised pixels [3, S, S], as LLaVA-1.5 (pad, CLIPImageProcessor).
+    """Image -> pixels [3, S, S] (S = cfg.image_size), as transformers' PIL-backend image
+    processors compute them (and LLaVA-1.5's own code, which pads then runs CLIPImageProcessor).
 
-    Resize: shortest side to S, bicubic; centre crop S×S; scale to [0, 1]; normalise.
+    Pad to square (mean colour) if asked; resize with `cfg.resample`: the short side to
+    `shortest_edge` then a centre crop S×S, or straight to S×S; rescale; normalise.
     """
-    size = cfg.image_size
+    if image.mode != "RGB":
+        if not cfg.convert_rgb:
+            raise ImageError(f"a {image.mode} image, and this checkpoint's vision.convert_rgb is false; pass an RGB image")
+        image = _to_rgb(image)
     if cfg.pad_to_square:
         image = expand_to_square(image, tuple(int(m * 255) for m in cfg.mean))
-    width, height = image.size
-    short, long = min(width, height), max(width, height)
-    new_long = int(size * long / short)
-    new_size = (size, new_long) if width <= height else (new_long, size)
-    image = image.resize(new_size, Image.Resampling.BICUBIC)
-    left, top = (image.width - size) // 2, (image.height - size) // 2
-    image = image.crop((left, top, left + size, top + size))
-    pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)
+    size, resample = cfg.image_size, Image.Resampling(cfg.resample)
+    if cfg.resize == "exact":
+        image = image.resize((size, size), resample)
+    else:
+        edge = cfg.shortest_edge or size
+        width, height = image.size
+        short, long = min(width, height), max(width, height)
+        new_long = int(edge * long / short)
+        image = image.resize((edge, new_long) if width <= height else (new_long, edge), resample)
+        left, top = (image.width - size) // 2, (image.height - size) // 2
+        image = image.crop((left, top, left + size, top + size))
+    array = np.asarray(image)  # [S, S, 3] uint8
+    # float64 product, then float32: transformers' rescale, to the last bit.
+    array = (array * np.float64(cfg.rescale_factor)).astype(np.float32) if cfg.rescale else array.astype(np.float32)
+    pixels = torch.from_numpy(array).permute(2, 0, 1)
+    if not cfg.normalize:
+        return pixels
     mean = torch.tensor(cfg.mean, dtype=torch.float32)[:, None, None]
     std = torch.tensor(cfg.std, dtype=torch.float32)[:, None, None]
     return (pixels - mean) / std

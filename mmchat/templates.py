@@ -1,12 +1,16 @@
-"""Conversation templates of LLaVA-1.5 (`llava_v1`, `vicuna_v1`, `llama_2`, `plain`).
+"""Conversation templates of LLaVA-1.5 (`llava_v1`, `vicuna_v1`, `llama_2`, `plain`) and `chat`.
 
-A template turns messages into segments: prompt text, answer text (trained on, labelled) and
-image slots. `mmchat.conversation.render` tokenises them; the segments alone decide the
+A fixed template turns messages into segments: prompt text, answer text (trained on, labelled)
+and image slots. `mmchat.conversation.render` tokenises them; the segments alone decide the
 prompt string, so each template's golden test pins the exact text LLaVA's code produces.
+
+`chat` renders with the tokenizer's own Jinja chat template, as transformers' `apply_chat_template`
+does (`chat_text`): the whole string plus the character spans of the answers, which `render`
+turns into labels through token offsets like any other answer text.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 IMAGE_TOKEN = "<image>"
 """Where an image goes: in LLaVA's data and prompts, and the token llava-hf checkpoints add."""
@@ -39,9 +43,18 @@ class Template:
     name: str
     system: str
     style: str
-    """`two` (USER:/ASSISTANT:, answers end in </s>), `llama_2` ([INST] ... [/INST]), `plain`."""
+    """`two` (USER:/ASSISTANT:, answers end in </s>), `llama_2` ([INST] ... [/INST]), `plain`, or
+    `chat` (the tokenizer's Jinja template)."""
     stop_strings: tuple[str, ...] = ()
     """Text that ends an answer besides the tokenizer's EOS (e.g. "\\n" for `plain`)."""
+    chat_template: str | None = None
+    """`chat` only: the Jinja source, `tokenizer.chat_template`."""
+    assistant_parts: bool = False
+    """`chat` only: the Jinja template reads an answer as a list of parts (llava-hf's templates do),
+    not as a string; `resolve_template` finds out which by rendering a probe."""
+    end_of_turn: str | None = None
+    """`chat` only: the token that closes an answer (`<|im_end|>`, `<|eot_id|>`, ...), found on the
+    probe; generation should stop there, as it may differ from the tokenizer's EOS."""
 
 
 TEMPLATES = {
@@ -52,10 +65,53 @@ TEMPLATES = {
 }
 
 
+CHAT = "chat"
+TEMPLATE_NAMES = (*sorted(TEMPLATES), CHAT)
+"""Every name a config or --template may give: the fixed templates and `chat`."""
+
+
+def check_template_name(name: str) -> None:
+    if name not in TEMPLATE_NAMES:
+        raise ValueError(f"unknown template {name!r}; choose one of {list(TEMPLATE_NAMES)} (--template)")
+
+
 def get_template(name: str) -> Template:
-    if name not in TEMPLATES:
-        raise ValueError(f"unknown template {name!r}; choose one of {sorted(TEMPLATES)} (--template)")
+    """A fixed template; `chat` needs the tokenizer, so it comes from `resolve_template`."""
+    check_template_name(name)
+    if name == CHAT:
+        raise ValueError("template 'chat' renders with the tokenizer's chat template; "
+                         "get it with resolve_template('chat', tokenizer)")
     return TEMPLATES[name]
+
+
+def resolve_template(name: str, tokenizer) -> Template:
+    """The template `name` for this tokenizer: a fixed one, or `chat` carrying its Jinja source.
+
+    `chat` is checked once here on a probe conversation (one image, one answer), so a template
+    that cannot take images or answers fails when the session or training run starts.
+    """
+    if name != CHAT:
+        return get_template(name)
+    source = tokenizer.chat_template
+    if isinstance(source, dict):  # several named templates: the default one is for chat
+        source = source.get("default")
+    if not source:
+        raise ValueError(f"template 'chat' needs a chat template, but tokenizer {_tokenizer_name(tokenizer)} has "
+                         "none; add one (chat_template in tokenizer_config.json or chat_template.jinja) or choose "
+                         f"another --template ({', '.join(sorted(TEMPLATES))})")
+    from mmchat.conversation import Message  # conversation.py builds on this module
+
+    probe = [Message(USER, "Which colour is it?", 1), Message(ASSISTANT, "It is red.")]
+    first_error = None
+    for parts in (False, True):  # an answer as a string first, as transformers' text templates take it
+        template = Template(CHAT, "", CHAT, chat_template=source, assistant_parts=parts)
+        try:
+            text, [(_, end)] = chat_text(template, probe, tokenizer, add_generation_prompt=False)
+        except _NoAnswer as e:
+            first_error = first_error or e
+            continue
+        return replace(template, end_of_turn=next(c for c in _control_tokens(tokenizer) if text[:end].endswith(c)))
+    raise ValueError(str(first_error))
 
 
 def _images(count: int, after: str) -> list[Segment]:
@@ -115,3 +171,90 @@ def _plain(messages: list) -> list[Segment]:
 def prompt_text(segs: list[Segment]) -> str:
     """The rendered prompt as LLaVA writes it, `<image>` for each slot (for golden tests and logs)."""
     return "".join(IMAGE_TOKEN if s.kind == IMAGE else s.text for s in segs)
+
+
+# -- `chat`: the tokenizer's Jinja template -------------------------------------------------
+
+class _NoAnswer(ValueError):
+    """The chat template did not write an answer's text."""
+
+
+def chat_text(template: Template, messages: list, tokenizer,
+              add_generation_prompt: bool) -> tuple[str, list[tuple[int, int]]]:
+    """`chat` style: (the prompt string, the character spans of the answers in it).
+
+    The string is what `tokenizer.apply_chat_template(..., tokenize=False)` renders for messages
+    in transformers' multimodal format: a user message is `[{"type": "image"}, ..., {"type":
+    "text", "text": ...}]` (images first, as LLaVA does), and the template must write `<image>`
+    for each image part, as llava-hf's templates do. An answer's span runs from the end of the
+    generation prompt (the conversation before it, rendered with `add_generation_prompt=True`)
+    through the first control token after the answer's text: its end-of-turn token
+    (`<|im_end|>`, `<|eot_id|>`, `<end_of_turn>`, `<|end|>`, `</s>`). What the template writes
+    after that token (a newline, Phi-3's closing EOS) is not labelled: generation stops at the
+    end-of-turn token, so the model never produces it; the template writes it when the next turn
+    is rendered.
+    """
+    text = _apply(template, messages, tokenizer, add_generation_prompt)
+    images = sum(m.images for m in messages)
+    if text.count(IMAGE_TOKEN) != images:
+        raise ValueError(f"{_who(tokenizer)} wrote {text.count(IMAGE_TOKEN)} {IMAGE_TOKEN} placeholder(s) for "
+                         f"{images} image(s); it must write {IMAGE_TOKEN} for each {{'type': 'image'}} content part, "
+                         "as llava-hf's chat templates do")
+    controls = [t for t in _control_tokens(tokenizer) if t != IMAGE_TOKEN]
+    spans = []
+    for i, m in enumerate(messages):
+        if m.role != ASSISTANT:
+            continue
+        prompt = _apply(template, messages[:i], tokenizer, add_generation_prompt=True)
+        turn = _apply(template, messages[: i + 1], tokenizer, add_generation_prompt=False)
+        answer = m.text.strip()
+        start = turn.find(answer, len(prompt)) if turn.startswith(prompt) else turn.find(answer)
+        if start < 0:
+            raise _NoAnswer(f"{_who(tokenizer)} cannot render an assistant turn: the answer's text is missing from "
+                            "its output")
+        if not turn.startswith(prompt):
+            raise ValueError(f"{_who(tokenizer)}: the conversation with answer {i // 2 + 1} does not start with the "
+                             "generation prompt rendered before it; mmchat cannot tell which text is the answer")
+        found = [(k, -len(c)) for c in controls if (k := turn.find(c, start + len(answer))) >= 0]
+        if not found:
+            raise ValueError(f"{_who(tokenizer)} writes no end-of-turn token after an answer, so a model could not "
+                             "learn to stop; use a template that closes turns with a special token")
+        k, minus_length = min(found)  # the first control token after the answer (the longest, on a tie)
+        end = k - minus_length
+        if text[:end] != turn[:end]:
+            raise ValueError(f"{_who(tokenizer)} renders answer {i // 2 + 1} differently once later turns follow; "
+                             "mmchat needs each turn rendered the same way in the whole conversation")
+        spans.append((len(prompt), end))
+    return text, spans
+
+
+def _apply(template: Template, messages: list, tokenizer, add_generation_prompt: bool) -> str:
+    import jinja2
+
+    chat = []
+    for m in messages:
+        if m.role == USER:
+            content = [{"type": "image"} for _ in range(m.images)] + [{"type": "text", "text": m.text}]
+        else:
+            content = [{"type": "text", "text": m.text}] if template.assistant_parts else m.text
+        chat.append({"role": m.role, "content": content})
+    try:
+        return tokenizer.apply_chat_template(chat, chat_template=template.chat_template, tokenize=False,
+                                             add_generation_prompt=add_generation_prompt)
+    except jinja2.TemplateError as e:
+        raise ValueError(f"{_who(tokenizer)} failed: {' '.join(str(e).split())}") from None
+
+
+def _control_tokens(tokenizer) -> list[str]:
+    # The tokens a template closes a turn with: special and added tokens, except whitespace ones
+    # (Gemma's "\n" runs), as transformers' own control-token list has them.
+    tokens = set(tokenizer.all_special_tokens) | set(tokenizer.get_added_vocab())
+    return sorted((t for t in tokens if t and not t.isspace()), key=len, reverse=True)
+
+
+def _who(tokenizer) -> str:
+    return f"template 'chat' (the chat template of tokenizer {_tokenizer_name(tokenizer)})"
+
+
+def _tokenizer_name(tokenizer) -> str:
+    return repr(tokenizer.name_or_path or type(tokenizer).__name__)

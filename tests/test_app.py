@@ -222,7 +222,7 @@ def test_only_the_browser_modal_gets_html_escaped_errors(monkeypatch):
         raise RuntimeError("CUDA out of memory")
 
     monkeypatch.setattr(Conversation, "ask", failing)
-    model = SimpleNamespace(config=SimpleNamespace(template="llava_v1"))
+    model = SimpleNamespace(config=SimpleNamespace(template="llava_v1"), tokenizer=None)
     h = app.Handlers(ServedModel(model, "tiny"), SessionPool(model), lambda fn: fn)
     with pytest.raises(gr.Error) as error:
         list(h.send({"text": "Why?", "files": []}, 0.0, 0.7, 8, browser))

@@ -125,7 +125,8 @@ def test_llava_hf_to_mmchat(tiny_llava_hf_model, tmp_path, layout):
         checkpoint = converted(folder, tmp_path / "mmchat", cli=True)
     config = read_config(checkpoint)
     assert config.image_token_id == reference.config.image_token_index
-    assert (config.vision.select_layer, config.vision.select_feature, config.vision.pad_to_square) == (-2, "patch", True)
+    # The tiny folder's processor is a CLIPImageProcessor (no do_pad), as the hub's llava-1.5-7b-hf: no pad, crop.
+    assert (config.vision.select_layer, config.vision.select_feature, config.vision.pad_to_square) == (-2, "patch", False)
     assert config.vision.image_size == 32 and config.projector.type == "mlp2x_gelu"
     check_parity(checkpoint, reference)
     if layout == "saved":  # and back: llava-hf -> mmchat -> llava-hf reproduces every tensor exactly
@@ -145,6 +146,7 @@ def test_original_llava_to_mmchat(tiny_llava_hf_model, tiny_tokenizer_dir, tmp_p
     checkpoint = converted(original, tmp_path / "mmchat")
     config = read_config(checkpoint)
     assert config.image_token_id is None and config.vision.pretrained is None
+    assert config.vision.pad_to_square  # `image_aspect_ratio: pad`, whatever the tower's processor says
     check_parity(checkpoint, reference)
 
 
@@ -251,6 +253,7 @@ def test_errors(capsys, tmp_path, tiny_checkpoint, tiny_llava_hf_dir):
     assert "already an mmchat checkpoint" in one_line_error(capsys, [tiny_checkpoint, tmp_path / "out"])
     assert "not an mmchat checkpoint" in one_line_error(capsys, ["--to", "llava-hf", tiny_llava_hf_dir, tmp_path / "out"])
     assert "--vision-tower" in one_line_error(capsys, ["--to", "llava-hf", "--vision-tower", "x/y", tiny_checkpoint, tmp_path / "o"])
+    assert "--pad/--no-pad" in one_line_error(capsys, ["--to", "llava-hf", "--no-pad", tiny_checkpoint, tmp_path / "o"])
     assert not (tmp_path / "out").exists()
 
 

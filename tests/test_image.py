@@ -26,21 +26,55 @@ def test_pad_to_square_uses_clip_mean_colour():
 
 
 def test_preprocess_matches_llava_clip_image_processor():
-    """LLaVA: expand2square(mean colour) then CLIPImageProcessor (resize 336 bicubic, crop, normalise)."""
-    from transformers import CLIPImageProcessor
+    """LLaVA: expand2square(mean colour) then CLIPImageProcessor (resize 336 bicubic, crop, normalise).
+
+    LLaVA ran transformers' PIL image processor; its PIL backend today gives the same pixels."""
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
     cfg = VisionConfig(image_size=56)
     rng = np.random.default_rng(0)
     image = Image.fromarray(rng.integers(0, 256, (37, 71, 3), dtype=np.uint8))
-    ref = CLIPImageProcessor(size={"shortest_edge": 56}, crop_size={"height": 56, "width": 56},
-                             image_mean=list(cfg.mean), image_std=list(cfg.std))
+    ref = CLIPImageProcessorPil(size={"shortest_edge": 56}, crop_size={"height": 56, "width": 56},
+                                image_mean=list(cfg.mean), image_std=list(cfg.std))
     squared = expand_to_square(image, tuple(int(m * 255) for m in cfg.mean))
     expected = ref(images=squared, return_tensors="pt")["pixel_values"][0]
     got = preprocess(image, cfg)
     assert got.shape == (3, 56, 56)
-    # Bicubic resampling differs by at most a grey level between PIL and torchvision back-ends.
-    assert (got - expected).abs().max() < 2.5 / 255 / min(cfg.std)
-    assert (got - expected).abs().mean() < 0.02
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
+
+
+def test_old_checkpoint_configs_keep_llava_preprocessing():
+    """mmchat.json files written before the preprocessing fields existed load with LLaVA-1.5's settings."""
+    from mmchat.config import ModelConfig
+
+    vision = ModelConfig.from_dict({"vision": {"image_size": 32, "pad_to_square": True}}).vision
+    assert (vision.resize, vision.shortest_edge, vision.resample, vision.rescale, vision.normalize) == ("shortest_edge", None, 3, True, True)
+    assert ModelConfig.from_dict({}).stop_token_ids is None
+
+
+def test_preprocessing_fields_are_checked():
+    for bad in ({"resize": "squash"}, {"resample": 7}, {"image_size": 32, "shortest_edge": 16}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            VisionConfig(**bad)
+    from mmchat.config import ModelConfig
+
+    with pytest.raises(ValueError, match="stop_token_ids"):
+        ModelConfig(stop_token_ids=[])
+
+
+def test_plain_resize_rescale_and_normalise_switches():
+    image = Image.new("RGB", (40, 10), (255, 0, 0))
+    pixels = preprocess(image, VisionConfig(image_size=8, resize="exact", pad_to_square=False, normalize=False))
+    assert pixels.shape == (3, 8, 8) and torch.equal(pixels[0], torch.ones(8, 8))  # squashed, not cropped or padded
+    raw = preprocess(image, VisionConfig(image_size=8, pad_to_square=False, rescale=False, normalize=False))
+    assert raw.dtype == torch.float32 and raw.max() == 255.0
+
+
+def test_convert_rgb_off_refuses_other_modes():
+    grey = Image.new("L", (8, 8), 128)
+    assert preprocess(grey, VisionConfig(image_size=8)).shape == (3, 8, 8)
+    with pytest.raises(ImageError, match="convert_rgb"):
+        preprocess(grey, VisionConfig(image_size=8, convert_rgb=False))
 
 
 def test_preprocess_without_padding_crops_the_centre():

@@ -241,3 +241,28 @@ def one_torch_thread():
         yield
     finally:
         torch.set_num_threads(before)
+
+
+def llava_hf_variant(folder: Path, out: Path, image_processor_config: dict | None = None,
+                     eos_token_id: int | list[int] | None = None) -> Path:
+    """A copy of a llava-hf folder with another image processor and/or generation stop ids.
+
+    `image_processor_config` is written as the hub's flat `preprocessor_config.json` (the nested one
+    in `processor_config.json` is dropped from the copy); `eos_token_id` goes into `generation_config.json`.
+    """
+    import json
+    import shutil
+
+    from transformers import GenerationConfig
+
+    shutil.copytree(folder, out)
+    if image_processor_config is not None:
+        processor = json.loads((out / "processor_config.json").read_text())
+        del processor["image_processor"]
+        (out / "processor_config.json").write_text(json.dumps(processor, indent=2))
+        (out / "preprocessor_config.json").write_text(json.dumps(image_processor_config, indent=2))
+    if eos_token_id is not None:
+        generation = GenerationConfig.from_pretrained(out)
+        generation.eos_token_id = eos_token_id
+        generation.save_pretrained(out)
+    return out

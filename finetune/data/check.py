@@ -130,10 +130,10 @@ class CheckConfig:
         if self.tokenizer is not None and not any((self.tokenizer / name).is_file() for name in TOKENIZER_FILES):
             raise DataError(f"--tokenizer {self.tokenizer} holds no tokenizer (none of {', '.join(TOKENIZER_FILES)})")
         if self.tokenizer is not None:
-            from mmchat.templates import get_template
+            from mmchat.templates import check_template_name
 
             try:
-                get_template(self.template)
+                check_template_name(self.template)
             except ValueError as e:
                 raise DataError(str(e)) from None
         for flag, value in (("--image-tokens", self.image_tokens), ("--max-length", self.max_length),
@@ -259,13 +259,13 @@ def _length_counter(cfg: CheckConfig, report: CheckReport) -> Callable[[dict], i
     from transformers import AutoTokenizer
 
     from mmchat.conversation import messages_from_llava, render
-    from mmchat.templates import get_template
+    from mmchat.templates import resolve_template
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer, trust_remote_code=False)
     except (OSError, ValueError) as e:
         raise DataError(f"--tokenizer {cfg.tokenizer}: cannot load the tokenizer: {' '.join(str(e).split())}") from None
-    template = get_template(cfg.template)
+    template = resolve_template(cfg.template, tokenizer)
     report.length_setup = f"template {cfg.template}, {cfg.image_tokens} tokens per image, tokenizer {cfg.tokenizer}"
 
     def length_of(record: dict) -> int:

@@ -345,9 +345,11 @@ def pack(trained: Path, base_llm: Path, out: Path) -> Path:
 def _adapter_beside_its_llm(adapter: Path) -> None:
     """The adapter names its base by the build's work path; in the packed folder the base is `llm/`
     beside it. PEFT's empty model-card template goes: the folder's README is the card."""
+    from mmchat.checkpoint import LLM_DIR
+
     config_file = adapter / "adapter_config.json"
     config = json.loads(config_file.read_text())
-    config["base_model_name_or_path"] = "llm"
+    config["base_model_name_or_path"] = LLM_DIR
     config_file.write_text(json.dumps(config, indent=2) + "\n")
     (adapter / "README.md").unlink(missing_ok=True)
 

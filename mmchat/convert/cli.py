@@ -38,6 +38,9 @@ class ConvertArgs:
     `NAME/TAG` (e.g. `ViT-L-14-336/openai`) or a local transformers CLIP folder."""
     force: bool = False
     """Replace an existing DST (it is swapped out only once the new folder is complete)."""
+    pad: bool | None = None
+    """Pad images to square (LLaVA-1.5's `image_aspect_ratio: pad`) or not, whatever SRC says; None
+    follows SRC: a llava-hf folder's image processor `do_pad`, original LLaVA's `image_aspect_ratio`."""
 
     def __post_init__(self) -> None:
         self.dst = Path(self.dst)
@@ -45,6 +48,8 @@ class ConvertArgs:
             raise ConvertError(f"--to {self.to!r}: choose one of {', '.join(TARGETS)}")
         if self.to == "llava-hf" and self.vision_tower:
             raise ConvertError("Can't combine --vision-tower with --to llava-hf: the mmchat checkpoint already names its tower.")
+        if self.to == "llava-hf" and self.pad is not None:
+            raise ConvertError("Can't combine --pad/--no-pad with --to llava-hf: the mmchat checkpoint's vision.pad_to_square is exported as do_pad.")
 
 
 def parse_args(argv: list[str] | None = None) -> ConvertArgs:
@@ -54,14 +59,16 @@ def parse_args(argv: list[str] | None = None) -> ConvertArgs:
     parser.add_argument("--to", choices=TARGETS, default="mmchat", help="target format (default: mmchat)")
     parser.add_argument("--vision-tower", help="original LLaVA only: open_clip NAME/TAG or a local transformers CLIP folder, instead of mm_vision_tower")
     parser.add_argument("--force", action="store_true", help="replace DST if it exists")
+    parser.add_argument("--pad", action=argparse.BooleanOptionalAction, default=None,
+                        help="pad images to square (or not) whatever SRC says; default: a llava-hf folder's do_pad, original LLaVA's image_aspect_ratio")
     ns = parser.parse_args(argv)
-    return ConvertArgs(src=ns.src, dst=ns.dst, to=ns.to, vision_tower=ns.vision_tower, force=ns.force)
+    return ConvertArgs(src=ns.src, dst=ns.dst, to=ns.to, vision_tower=ns.vision_tower, force=ns.force, pad=ns.pad)
 
 
 def convert(args: ConvertArgs) -> Path:
     if args.to == "llava-hf":
         return to_llava_hf(Path(args.src), args.dst, overwrite=args.force)
-    return to_mmchat(args.src, args.dst, vision_tower=args.vision_tower, overwrite=args.force)
+    return to_mmchat(args.src, args.dst, vision_tower=args.vision_tower, overwrite=args.force, pad=args.pad)
 
 
 @contextmanager

@@ -21,6 +21,7 @@ from mmchat.convert.common import SELECT_STRATEGIES, ConvertError, check_destina
 from mmchat.config import (
     CLIP_MEAN,
     CLIP_STD,
+    RESAMPLE_FILTERS,
     ModelConfig,
     ProjectorConfig,
     VisionConfig,
@@ -33,10 +34,14 @@ OPENAI_TOWERS = {
     "openai/clip-vit-large-patch14": ("ViT-L-14", "openai"),
 }
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
 
 
-def to_mmchat(src: str, dst: Path, vision_tower: str | None = None, overwrite: bool = False) -> Path:
-    """Convert a llava-hf or original-format LLaVA checkpoint (folder or hub id) into an mmchat checkpoint."""
+def to_mmchat(src: str, dst: Path, vision_tower: str | None = None, overwrite: bool = False, pad: bool | None = None) -> Path:
+    """Convert a llava-hf or original-format LLaVA checkpoint (folder or hub id) into an mmchat checkpoint.
+
+    `pad` overrides pad-to-square (else: llava-hf follows its image processor's `do_pad`, original
+    LLaVA its `image_aspect_ratio`)."""
     dst = check_destination(dst, overwrite)
     folder = fetch(src)
     kind, config = detect_format(folder)
@@ -44,8 +49,8 @@ def to_mmchat(src: str, dst: Path, vision_tower: str | None = None, overwrite: b
     if kind == "llava-hf":
         if vision_tower:
             raise ConvertError("--vision-tower applies to original-format LLaVA only; a llava-hf checkpoint includes its tower")
-        return from_llava_hf(folder, dst)
-    return from_original(folder, config, dst, vision_tower)
+        return from_llava_hf(folder, dst, pad)
+    return from_original(folder, config, dst, vision_tower, pad)
 
 
 def fetch(src: str) -> Path:
@@ -85,8 +90,9 @@ def detect_format(folder: Path) -> tuple[str, dict]:
     )
 
 
-def from_llava_hf(folder: Path, dst: Path) -> Path:
-    """llava-hf -> mmchat: the tower becomes open_clip, `linear_1/2` the projector's `0/2`, the LLM a causal LM."""
+def from_llava_hf(folder: Path, dst: Path, pad: bool | None = None) -> Path:
+    """llava-hf -> mmchat: the tower becomes open_clip, `linear_1/2` the projector's `0/2`, the LLM a causal LM;
+    preprocessing follows the folder's image processor, stop ids its generation config."""
     from transformers import AutoTokenizer, LlavaConfig, LlavaForConditionalGeneration
 
     hf_config = LlavaConfig.from_pretrained(folder)
@@ -96,14 +102,13 @@ def from_llava_hf(folder: Path, dst: Path) -> Path:
     if info["missing_keys"]:
         raise ConvertError(f"{folder} is missing weights {sorted(info['missing_keys'])[:5]}; is the download complete?")
     visual, clip_cfg = open_clip_from_hf(llava.model.vision_tower)
-    settings = image_settings(folder, hf_config.vision_config.image_size)
+    settings = with_pad(image_settings(folder, hf_config.vision_config.image_size), pad)
     try:
         vision = VisionConfig(
             open_clip_model=f"{folder.name}/vision_tower",
             pretrained=None,  # the weights travel in vision/
             select_layer=hf_config.vision_feature_layer,
             select_feature={v: k for k, v in SELECT_STRATEGIES.items()}[hf_config.vision_feature_select_strategy],
-            pad_to_square=True,  # LLaVA-1.5 was trained on padded images, whatever the llava-hf processor does
             **settings,
         )
     except ValueError as e:
@@ -113,9 +118,11 @@ def from_llava_hf(folder: Path, dst: Path) -> Path:
     projector = build_projector(projector_cfg)
     projector.load_state_dict({f"{i}.{p}": getattr(layer, p).float() for i, layer in ((0, hf_proj.linear_1), (2, hf_proj.linear_2)) for p in ("weight", "bias")})
     llm = causal_lm(hf_config.text_config, llava.model.language_model, llava.lm_head)
-    config = ModelConfig(vision=vision, projector=projector_cfg, template="llava_v1", image_token_id=hf_config.image_token_index)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    config = ModelConfig(vision=vision, projector=projector_cfg, template="llava_v1", image_token_id=hf_config.image_token_index,
+                         stop_token_ids=stop_token_ids(folder, tokenizer))
     log(f"writing {dst}")
-    return save_checkpoint(dst, config, projector, AutoTokenizer.from_pretrained(folder), llm=llm, vision=visual, vision_model_cfg=clip_cfg)
+    return save_checkpoint(dst, config, projector, tokenizer, llm=llm, vision=visual, vision_model_cfg=clip_cfg)
 
 
 def check_llava_hf(config) -> None:
@@ -147,22 +154,93 @@ def causal_lm(text_config, base_model: nn.Module, lm_head: nn.Module) -> nn.Modu
 
 
 def image_settings(folder: Path, default_size: int) -> dict:
-    """Image size, mean and std from the folder's image processor, else CLIP's."""
-    if not any((folder / f).is_file() for f in ("preprocessor_config.json", "processor_config.json")):
-        return {"image_size": default_size, "mean": CLIP_MEAN, "std": CLIP_STD}
+    """VisionConfig's preprocessing fields from the folder's image processor, read as transformers
+    reads it (PIL backend); without one, LlavaImageProcessor's defaults at the tower's size."""
+    if not any((folder / f).is_file() for f in PROCESSOR_FILES):
+        log(f"note: {folder} has no {' or '.join(PROCESSOR_FILES)}; preprocessing with LlavaImageProcessor's defaults: "
+            f"no pad, shortest edge {default_size} + centre crop, bicubic, CLIP mean/std")
+        return {"image_size": default_size, "mean": CLIP_MEAN, "std": CLIP_STD, "pad_to_square": False}
     from transformers import AutoImageProcessor
+    from transformers.image_utils import PILImageResampling
+    from transformers.models.llava.image_processing_llava import LlavaImageProcessor
+    from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
 
-    processor = AutoImageProcessor.from_pretrained(folder)
-    crop, size = processor.crop_size, processor.size
-    if crop.height != crop.width or (size.shortest_edge and size.shortest_edge != crop.height):
-        raise ConvertError(
-            f"{folder}: image processor resizes to {size} and crops {crop}; mmchat's LLaVA preprocessing "
-            "resizes the short side to the crop size and crops a square"
-        )
-    return {"image_size": crop.height, "mean": tuple(processor.image_mean), "std": tuple(processor.image_std)}
+    processor = AutoImageProcessor.from_pretrained(folder, backend="pil")
+    size, crop, saved = processor.size, processor.crop_size, processor.to_dict()
+    kind = saved["image_processor_type"]
+    where = f"{folder}: {kind} (size {saved.get('size')}, crop {saved.get('crop_size')})"
+    if not processor.do_resize:
+        raise ConvertError(f"{where} does not resize (do_resize false); the vision tower needs {default_size} px images")
+    if size.shortest_edge and not size.longest_edge and processor.do_center_crop and crop.height == crop.width <= size.shortest_edge:
+        geometry = {"resize": "shortest_edge", "image_size": crop.height,
+                    "shortest_edge": None if size.shortest_edge == crop.height else size.shortest_edge}
+    elif size.height and size.height == size.width and (not processor.do_center_crop or crop.height == crop.width == size.height):
+        geometry = {"resize": "exact", "image_size": size.height}
+    else:
+        raise ConvertError(f"{where}: mmchat supports a shortest-edge resize + square centre crop (CLIP) or a square resize (SigLIP)")
+    if geometry["image_size"] != default_size:
+        raise ConvertError(f"{where} makes {geometry['image_size']} px images but the vision tower takes {default_size} px")
+    # Only LLaVA's own image processors pad to square; CLIP's `do_pad` pads a batch to its largest image.
+    pads = bool(processor.do_pad) and isinstance(processor, (LlavaImageProcessor, LlavaImageProcessorPil))
+    resample = PILImageResampling.BILINEAR if processor.resample is None else processor.resample  # PilBackend's default
+    settings = {
+        **geometry,
+        "pad_to_square": pads,
+        "resample": int(resample),
+        "rescale": bool(processor.do_rescale),
+        "rescale_factor": float(processor.rescale_factor),
+        "normalize": bool(processor.do_normalize),
+        "mean": channels(processor.image_mean, CLIP_MEAN),
+        "std": channels(processor.image_std, CLIP_STD),
+        "convert_rgb": bool(processor.do_convert_rgb),
+    }
+    log(f"image processor {kind}: {describe(VisionConfig(**settings))}")
+    return settings
 
 
-def from_original(folder: Path, config: dict, dst: Path, vision_tower: str | None) -> Path:
+def describe(vision: VisionConfig) -> str:
+    """One line of preprocessing, for the log."""
+    side = vision.image_size
+    steps = ["pad to square" if vision.pad_to_square else "no pad",
+             f"shortest edge {vision.shortest_edge or side} + centre crop {side}" if vision.resize == "shortest_edge" else f"resize to {side}×{side}",
+             RESAMPLE_FILTERS[vision.resample]]
+    if vision.normalize:
+        steps.append(f"mean {list(vision.mean)}, std {list(vision.std)}")
+    return ", ".join(steps)
+
+
+def channels(value, default: tuple[float, float, float]) -> tuple[float, float, float]:
+    """A processor's `image_mean` / `image_std`: a list, one number for every channel, or None."""
+    if value is None:
+        return default
+    return (float(value),) * 3 if isinstance(value, (int, float)) else tuple(float(v) for v in value)
+
+
+def with_pad(settings: dict, pad: bool | None) -> dict:
+    """`--pad` / `--no-pad` win over what the folder says."""
+    if pad is None or pad == settings.get("pad_to_square"):
+        return settings
+    log(f"{'--pad' if pad else '--no-pad'}: {'padding' if pad else 'not padding'} images to square, whatever the folder says")
+    return {**settings, "pad_to_square": pad}
+
+
+def stop_token_ids(folder: Path, tokenizer) -> list[int] | None:
+    """The folder's `generation_config.json` `eos_token_id` (int or list) plus the tokenizer's EOS;
+    None when that is the tokenizer's EOS alone (mmchat's default)."""
+    ids = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
+    if (folder / "generation_config.json").is_file():
+        from transformers import GenerationConfig
+
+        eos = GenerationConfig.from_pretrained(folder).eos_token_id
+        ids += [eos] if isinstance(eos, int) else list(eos or [])
+    ids = list(dict.fromkeys(ids))
+    if not ids or ids == [tokenizer.eos_token_id]:
+        return None
+    log(f"generation stops at token ids {ids} ({', '.join(repr(t) for t in tokenizer.convert_ids_to_tokens(ids))})")
+    return ids
+
+
+def from_original(folder: Path, config: dict, dst: Path, vision_tower: str | None, pad: bool | None = None) -> Path:
     """Original LLaVA -> mmchat: LLaMA weights as a causal LM, `model.mm_projector.*` as the projector."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
@@ -177,11 +255,14 @@ def from_original(folder: Path, config: dict, dst: Path, vision_tower: str | Non
     if not projector_state:
         raise ConvertError(f"{folder} has no model.mm_projector.* weights; is it a LLaVA checkpoint?")
     first = projector_state.get("0.weight", projector_state.get("weight"))
+    # LLaVA pads (`image_aspect_ratio: pad`) before its tower's processor, whatever that processor says.
+    pads = config.get("image_aspect_ratio") == "pad"
+    log(f"image_aspect_ratio={config.get('image_aspect_ratio')!r}: {'pad to square' if pads else 'no pad'}")
+    vision_kwargs = with_pad({**vision_kwargs, "pad_to_square": pads}, pad)
     try:
         vision = VisionConfig(
             select_layer=config["mm_vision_select_layer"],
             select_feature=config.get("mm_vision_select_feature", "patch"),  # LLaVA's default
-            pad_to_square=config.get("image_aspect_ratio") == "pad",
             **vision_kwargs,
         )
         projector_cfg = ProjectorConfig(config.get("mm_projector_type", "linear"), first.shape[1], first.shape[0])
@@ -203,9 +284,10 @@ def from_original(folder: Path, config: dict, dst: Path, vision_tower: str | Non
         raise ConvertError(f"{folder} is missing LLaMA weights {sorted(info['missing_keys'])[:5]}; is the download complete?")
     if any(".vision_tower." in k for k in info["unexpected_keys"]):
         log(f"note: ignoring vision tower weights stored in the checkpoint; the tower comes from {tower_name}")
-    config_out = ModelConfig(vision=vision, projector=projector_cfg, template="llava_v1")
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    config_out = ModelConfig(vision=vision, projector=projector_cfg, template="llava_v1", stop_token_ids=stop_token_ids(folder, tokenizer))
     log(f"writing {dst}")
-    return save_checkpoint(dst, config_out, projector, AutoTokenizer.from_pretrained(folder), llm=llm, vision=visual, vision_model_cfg=clip_cfg)
+    return save_checkpoint(dst, config_out, projector, tokenizer, llm=llm, vision=visual, vision_model_cfg=clip_cfg)
 
 
 def check_original(folder: Path, config: dict) -> None:

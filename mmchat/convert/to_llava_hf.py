@@ -15,7 +15,7 @@ from mmchat.checkpoint import atomic_dir, is_checkpoint, read_config, read_proje
 from mmchat.convert.clip_weights import hf_from_open_clip
 from mmchat.config import ModelConfig
 from mmchat.convert.common import MERGE_HINT, SELECT_STRATEGIES, ConvertError, check_destination, log
-from mmchat.templates import IMAGE_TOKEN, get_template
+from mmchat.templates import CHAT, IMAGE_TOKEN, get_template, resolve_template
 from mmchat.vision import load_vision_tower, num_image_tokens
 
 
@@ -35,6 +35,8 @@ def to_llava_hf(src: Path, dst: Path, overwrite: bool = False) -> Path:
     llm = AutoModelForCausalLM.from_pretrained(resolve_path(src, config.llm), dtype="auto")
     tokenizer = load_tokenizer(resolve_path(src, config.tokenizer))
     llava = assemble_llava(config, visual, read_projector_state(src), llm, add_image_token(tokenizer, llm))
+    if config.stop_token_ids:
+        llava.generation_config.eos_token_id = list(config.stop_token_ids)
     processor = llava_processor(config, llava.config, tokenizer)
     log(f"writing {dst}")
     with atomic_dir(dst) as tmp:  # complete before it takes DST's name
@@ -87,18 +89,27 @@ def assemble_llava(config: ModelConfig, visual: nn.Module, projector_state: dict
 
 
 def llava_processor(config: ModelConfig, hf_config, tokenizer):
-    """`LlavaProcessor`: the tokenizer, a LLaVA image processor with mmchat's settings (`do_pad` is
-    LLaVA's pad to square) and a chat template rendering mmchat's prompt."""
+    """`LlavaProcessor`: the tokenizer, a LLaVA image processor with mmchat's preprocessing (`do_pad`
+    is LLaVA's pad to square; `from_llava.image_settings` reads each setting back) and a chat
+    template rendering mmchat's prompt."""
     from transformers import LlavaProcessor
     from transformers.models.llava.image_processing_llava import LlavaImageProcessor
 
-    size = config.vision.image_size
+    vision = config.vision
+    side = vision.image_size
+    crop = vision.resize == "shortest_edge"
     image_processor = LlavaImageProcessor(
-        do_pad=config.vision.pad_to_square,
-        size={"shortest_edge": size},
-        crop_size={"height": size, "width": size},
-        image_mean=list(config.vision.mean),
-        image_std=list(config.vision.std),
+        do_pad=vision.pad_to_square,
+        size={"shortest_edge": vision.shortest_edge or side} if crop else {"height": side, "width": side},
+        do_center_crop=crop,
+        crop_size={"height": side, "width": side},
+        resample=vision.resample,
+        do_rescale=vision.rescale,
+        rescale_factor=vision.rescale_factor,
+        do_normalize=vision.normalize,
+        image_mean=list(vision.mean),
+        image_std=list(vision.std),
+        do_convert_rgb=vision.convert_rgb,
     )
     return LlavaProcessor(
         image_processor=image_processor,
@@ -106,7 +117,7 @@ def llava_processor(config: ModelConfig, hf_config, tokenizer):
         patch_size=hf_config.vision_config.patch_size,
         vision_feature_select_strategy=hf_config.vision_feature_select_strategy,
         num_additional_image_tokens=1,  # CLIP's CLS; the "default" strategy drops it again
-        chat_template=chat_template(config.template),
+        chat_template=chat_template(config.template, tokenizer),
     )
 
 
@@ -128,8 +139,11 @@ def add_image_token(tokenizer, llm: nn.Module) -> int:
     return image_id
 
 
-def chat_template(name: str) -> str | None:
-    """A Jinja chat template rendering the same prompt string as mmchat's template (`two` style only)."""
+def chat_template(name: str, tokenizer=None) -> str | None:
+    """A Jinja chat template rendering the same prompt string as mmchat's template: the tokenizer's
+    own for `chat`, one written here for the `two` style (llava_v1, vicuna_v1)."""
+    if name == CHAT:
+        return resolve_template(CHAT, tokenizer).chat_template
     template = get_template(name)
     if template.style != "two":
         log(f"note: no chat_template written for the {name!r} template; only llava_v1-style prompts are exported")

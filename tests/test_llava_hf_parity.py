@@ -1,0 +1,193 @@
+"""A converted llava-hf folder preprocesses and stops exactly as transformers does on that folder.
+
+The reference is transformers' PIL-backend image processor (`backend="pil"`), which matches LLaVA's
+original preprocessing; its torchvision backend's bicubic differs by up to ~0.015.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from matplotlib import cbook
+from PIL import Image
+
+from mmchat.checkpoint import read_config
+from mmchat.config import CLIP_MEAN, CLIP_STD, VisionConfig
+from mmchat.convert.cli import main
+from mmchat.convert.from_llava import image_settings
+from mmchat.image import load_image, preprocess
+from tiny_models import llava_hf_variant
+
+QUESTION = "what colour is the circle?"
+PREPROCESSING = ("image_size", "pad_to_square", "resize", "shortest_edge", "resample", "rescale", "rescale_factor",
+                 "normalize", "mean", "std", "convert_rgb")
+
+
+def processor_config(kind: str, size: int) -> dict:
+    """Image processor configs as the hub's folders write them, at `size` px.
+
+    crop:   llava-hf/llava-1.5-7b-hf's (a CLIPImageProcessor: no do_pad, shortest edge + centre crop)
+    pad:    a LlavaImageProcessor with do_pad (LLaVA-1.5's pad to square)
+    siglip: SigLIP-style (llava-interleave's): a plain resize to size × size, mean/std 0.5
+    """
+    common = {"do_normalize": True, "do_rescale": True, "do_resize": True, "processor_class": "LlavaProcessor",
+              "resample": 3, "rescale_factor": 0.00392156862745098}
+    clip = {**common, "crop_size": {"height": size, "width": size}, "do_center_crop": True, "do_convert_rgb": True,
+            "image_mean": list(CLIP_MEAN), "image_std": list(CLIP_STD), "size": {"shortest_edge": size}}
+    return {
+        "crop": {**clip, "image_processor_type": "CLIPImageProcessor"},
+        "pad": {**clip, "image_processor_type": "LlavaImageProcessor", "do_pad": True},
+        "siglip": {**common, "do_convert_rgb": None, "image_mean": [0.5] * 3, "image_std": [0.5] * 3,
+                   "image_processor_type": "SiglipImageProcessor", "size": {"height": size, "width": size}},
+    }[kind]
+
+
+def photo() -> Image.Image:
+    """A real photo, 512 wide × 600 high."""
+    with cbook.get_sample_data("grace_hopper.jpg") as f:
+        return load_image(f.read())
+
+
+def images() -> dict[str, Image.Image]:
+    tall = photo()
+    return {"tall": tall, "wide": tall.crop((0, 150, 512, 390))}  # 512 × 240
+
+
+def reference_pixels(folder, image: Image.Image) -> torch.Tensor:
+    """[3, S, S] from transformers' PIL-backend image processor for `folder`."""
+    from transformers import AutoImageProcessor
+
+    processor = AutoImageProcessor.from_pretrained(folder, backend="pil")
+    assert processor.backend == "pil"
+    return processor(images=image, return_tensors="pt")["pixel_values"][0]
+
+
+EXPECTED = {  # what the converter makes of each processor
+    "crop": {"pad_to_square": False, "resize": "shortest_edge", "mean": CLIP_MEAN},
+    "pad": {"pad_to_square": True, "resize": "shortest_edge", "mean": CLIP_MEAN},
+    "siglip": {"pad_to_square": False, "resize": "exact", "mean": (0.5, 0.5, 0.5), "convert_rgb": False},
+}
+
+
+@pytest.mark.parametrize("kind,size", [("crop", 336), ("pad", 336), ("siglip", 384)])
+def test_preprocess_equals_transformers_pil_processor(tmp_path, kind, size):
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps(processor_config(kind, size)))
+    vision = VisionConfig(**image_settings(tmp_path, size))
+    assert {k: getattr(vision, k) for k in EXPECTED[kind]} == EXPECTED[kind]
+    assert (vision.image_size, vision.resample) == (size, 3)
+    for name, image in images().items():
+        ours, theirs = preprocess(image, vision), reference_pixels(tmp_path, image)
+        assert ours.shape == theirs.shape == (3, size, size), name
+        torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=0, msg=f"{kind}, {name} image")
+
+
+def test_more_processor_settings_round_trip_through_the_processor(tmp_path):
+    """Bilinear, a shortest edge above the crop (256 -> 224), no normalisation: still transformers' pixels."""
+    config = {**processor_config("pad", 224), "resample": 2, "size": {"shortest_edge": 256}, "do_normalize": False}
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps(config))
+    vision = VisionConfig(**image_settings(tmp_path, 224))
+    assert (vision.shortest_edge, vision.resample, vision.normalize) == (256, 2, False)
+    for image in images().values():
+        torch.testing.assert_close(preprocess(image, vision), reference_pixels(tmp_path, image), atol=1e-6, rtol=0)
+
+
+def converted(src, dst, *flags: str):
+    assert main([*flags, str(src), str(dst)]) == 0
+    return dst
+
+
+@pytest.mark.parametrize("kind", ["crop", "pad", "siglip", "processor_config.json"])
+def test_converted_folder_preprocesses_as_its_processor(tiny_llava_hf_dir, tmp_path, kind):
+    """`python -m mmchat.convert` on a llava-hf folder: mmchat's pixels = transformers' for that folder."""
+    if kind == "processor_config.json":  # the fixture as save_pretrained writes it: nested, CLIPImageProcessor
+        folder, expected = tiny_llava_hf_dir, EXPECTED["crop"]
+    else:
+        folder = llava_hf_variant(tiny_llava_hf_dir, tmp_path / f"llava-{kind}", processor_config(kind, 32))
+        expected = EXPECTED[kind]
+    vision = read_config(converted(folder, tmp_path / "mmchat")).vision
+    assert {k: getattr(vision, k) for k in expected} == expected
+    for image in images().values():
+        torch.testing.assert_close(preprocess(image, vision), reference_pixels(folder, image), atol=1e-6, rtol=0)
+
+
+def test_pad_flags_override_the_folder(tiny_llava_hf_dir, tmp_path):
+    padded = llava_hf_variant(tiny_llava_hf_dir, tmp_path / "llava-pad", processor_config("pad", 32))
+    assert read_config(converted(tiny_llava_hf_dir, tmp_path / "a", "--pad")).vision.pad_to_square is True
+    assert read_config(converted(padded, tmp_path / "b", "--no-pad")).vision.pad_to_square is False
+    assert read_config(converted(padded, tmp_path / "c")).vision.pad_to_square is True
+
+
+def test_folder_without_processor_config_uses_llava_defaults(tiny_llava_hf_dir, tmp_path, capsys):
+    folder = tmp_path / "llava-no-processor"
+    shutil.copytree(tiny_llava_hf_dir, folder)
+    (folder / "processor_config.json").unlink()
+    capsys.readouterr()
+    vision = read_config(converted(folder, tmp_path / "mmchat")).vision
+    notes = [line for line in capsys.readouterr().err.splitlines() if "no preprocessor_config.json" in line]
+    assert len(notes) == 1 and "LlavaImageProcessor's defaults" in notes[0]
+    defaults = {f: getattr(VisionConfig(), f) for f in PREPROCESSING}
+    assert {f: getattr(vision, f) for f in PREPROCESSING} == {**defaults, "image_size": 32, "pad_to_square": False}
+
+
+@pytest.mark.parametrize("resize", ["shortest_edge", "exact"])
+def test_mmchat_to_llava_hf_to_mmchat_keeps_preprocessing_and_stop_ids(tiny_checkpoint, tmp_path, resize):
+    ckpt = tmp_path / "mmchat"
+    shutil.copytree(tiny_checkpoint, ckpt)
+    config = json.loads((ckpt / "mmchat.json").read_text())
+    config["vision"].update({"pad_to_square": resize == "exact", "resize": resize, "resample": 2, "mean": [0.5] * 3,
+                             "std": [0.25] * 3, "shortest_edge": 40 if resize == "shortest_edge" else None})
+    config["stop_token_ids"] = [2, 7]
+    (ckpt / "mmchat.json").write_text(json.dumps(config))
+    before = read_config(ckpt)
+
+    hf = converted(ckpt, tmp_path / "llava-hf", "--to", "llava-hf")
+    assert json.loads((hf / "generation_config.json").read_text())["eos_token_id"] == [2, 7]
+    for image in images().values():  # transformers reads the exported processor as mmchat preprocesses
+        torch.testing.assert_close(preprocess(image, before.vision), reference_pixels(hf, image), atol=1e-6, rtol=0)
+
+    after = read_config(converted(hf, tmp_path / "back"))
+    assert {f: getattr(after.vision, f) for f in PREPROCESSING} == {f: getattr(before.vision, f) for f in PREPROCESSING}
+    assert after.stop_token_ids == [2, 7]
+
+
+@torch.no_grad()
+def test_chat_stops_where_transformers_generate_stops(tiny_llava_hf_model, tmp_path):
+    """generation_config `eos_token_id: [eos, X]`, X a token the random model emits early: mmchat's
+    answer ends right before X, exactly where transformers' `generate` with that config stops."""
+    from transformers import GenerationConfig as HFGenerationConfig
+
+    from mmchat.chat import ChatSession
+    from mmchat.conversation import USER, Message
+    from mmchat.generate import GenerationConfig
+    from mmchat.model import LoadOptions, load_model
+
+    folder, reference = tiny_llava_hf_model
+    image = images()["wide"]
+    model = load_model(converted(folder, tmp_path / "plain"), LoadOptions(load_in="32bit", device="cpu"))
+    eos = model.tokenizer.eos_token_id
+    chat = ChatSession(model)
+    full = "".join(chat.ask(QUESTION, image, GenerationConfig(temperature=0, max_new_tokens=20)))
+    tokens = chat.last_stats.answer_ids
+    assert full and len(tokens) == 20, tokens  # no early EOS: room to pick a stop token
+    # The prompt as mmchat fed it; llava-hf finds image slots by its own id.
+    rendered = chat._render(chat.messages[:1])
+    ids = torch.tensor([rendered.input_ids]).masked_fill(torch.tensor([rendered.image_mask]), reference.config.image_token_index)
+    stop_at = next(i for i in range(2, 20) if tokens[i] not in tokens[:i] and tokens[i] != eos)
+    stop = tokens[stop_at]
+
+    folder = llava_hf_variant(folder, tmp_path / "llava-stop", eos_token_id=[eos, stop])
+    checkpoint = converted(folder, tmp_path / "mmchat")
+    assert read_config(checkpoint).stop_token_ids == [eos, stop]
+    chat = ChatSession(load_model(checkpoint, LoadOptions(load_in="32bit", device="cpu")))
+    "".join(chat.ask(QUESTION, image, GenerationConfig(temperature=0, max_new_tokens=20)))
+    ours = chat.last_stats.answer_ids
+
+    generation = HFGenerationConfig.from_pretrained(folder)
+    pixels = reference_pixels(folder, image)[None]
+    theirs = reference.generate(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixels,
+                                generation_config=generation, max_new_tokens=20, do_sample=False)[0, ids.shape[1]:].tolist()
+    assert theirs == tokens[:stop_at + 1]  # transformers stops at X, and keeps it
+    assert ours == tokens[:stop_at]  # mmchat stops at X, and drops it (as it drops EOS)
+    assert chat.messages[-1].text == model.tokenizer.decode(ours, skip_special_tokens=True).strip()

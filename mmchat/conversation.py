@@ -7,20 +7,24 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from mmchat.templates import ANSWER, ASSISTANT, CHAT, IMAGE, IMAGE_TOKEN, USER, Segment, Template, chat_text, segments
+from mmchat.templates import (  # noqa: F401  (Message and the role names are used from here too)
+    ANSWER,
+    ASSISTANT,
+    CHAT,
+    IMAGE,
+    IMAGE_TOKEN,
+    USER,
+    Message,
+    Segment,
+    Template,
+    chat_text,
+    segments,
+)
 
 IGNORE_INDEX = -100
 LLAVA_ROLES = {"human": USER, "gpt": ASSISTANT}
 """LLaVA's data names its roles `human` / `gpt`, in the order turns alternate."""
 _ROLES = {**LLAVA_ROLES, USER: USER, ASSISTANT: ASSISTANT}
-
-
-@dataclass
-class Message:
-    role: str  # USER | ASSISTANT
-    text: str
-    images: int = 0
-    """Images attached to this message; LLaVA places them before the text."""
 
 
 @dataclass

@@ -32,6 +32,14 @@ LLAMA_2_SYSTEM = (
 PROMPT, ANSWER, IMAGE = "prompt", "answer", "image"
 
 
+@dataclass
+class Message:
+    role: str  # USER | ASSISTANT
+    text: str
+    images: int = 0
+    """Images attached to this message; LLaVA places them before the text."""
+
+
 @dataclass(frozen=True)
 class Segment:
     kind: str  # PROMPT | ANSWER | IMAGE
@@ -99,8 +107,6 @@ def resolve_template(name: str, tokenizer) -> Template:
         raise ValueError(f"template 'chat' needs a chat template, but tokenizer {_tokenizer_name(tokenizer)} has "
                          "none; add one (chat_template in tokenizer_config.json or chat_template.jinja) or choose "
                          f"another --template ({', '.join(sorted(TEMPLATES))})")
-    from mmchat.conversation import Message  # conversation.py builds on this module
-
     probe = [Message(USER, "Which colour is it?", 1), Message(ASSISTANT, "It is red.")]
     first_error = None
     for parts in (False, True):  # an answer as a string first, as transformers' text templates take it

@@ -49,10 +49,10 @@ def build_model(cfg: TrainConfig, device: str) -> Built:
     llm = load_llm(llm_ref, options, adapter, trainable=adapter is not None and cfg.stage == "instruct")
     tokenizer = load_tokenizer(tokenizer_ref)
     if projector is None:  # a new projector: its input is the tower's width, its output the LLM's
-        config.projector = ProjectorConfig(cfg.projector_type, feature_width(vision), _embedding_width(llm))
+        config.projector = ProjectorConfig(cfg.projector_type, feature_width(vision, config.vision), _embedding_width(llm))
         projector = build_projector(config.projector)
     elif isinstance(projector, dict):
-        config.projector = _projector_config(projector, cfg.projector_type)
+        config.projector = _projector_config(projector, cfg.projector_type, config.projector.act)
         state, projector = projector, build_projector(config.projector)
         projector.load_state_dict(state)
     config.template = cfg.template_name
@@ -104,8 +104,12 @@ def _absolute(ref: str) -> str:
 
 
 def vision_model_cfg(ckpt: Path) -> dict:
-    """The open_clip config of a checkpoint whose vision weights travel in its `vision/` folder."""
-    return json.loads((ckpt / VISION_DIR / OPEN_CLIP_CONFIG).read_text())["model_cfg"]
+    """The config of a vision tower whose weights travel in the checkpoint's `vision/` folder: the
+    open_clip model config, or a transformers tower's `config.json` (`library: transformers`)."""
+    folder = ckpt / VISION_DIR
+    if read_config(ckpt).vision.library == "transformers":
+        return json.loads((folder / "config.json").read_text())
+    return json.loads((folder / OPEN_CLIP_CONFIG).read_text())["model_cfg"]
 
 
 def _embedding_width(llm: nn.Module) -> int:
@@ -127,20 +131,22 @@ def read_projector(path: Path) -> dict[str, torch.Tensor]:
     return {k: v.float() for k, v in state.items()}
 
 
-def _projector_config(state: dict[str, torch.Tensor], wanted: str) -> ProjectorConfig:
-    """The projector type and widths its weights imply (LLaVA names: `weight` or `0.*`/`2.*`)."""
-    if set(state) == {"weight", "bias"}:
+def _projector_config(state: dict[str, torch.Tensor], wanted: str, act: str = "gelu") -> ProjectorConfig:
+    """The projector type, widths and bias its weights imply (LLaVA names: `weight` or `0.*`/`2.*`);
+    `act` is the checkpoint's (weights do not say it)."""
+    bias = "bias" in state or "0.bias" in state
+    if set(state) == {"weight", "bias"} or set(state) == {"weight"}:
         out_dim, in_dim = state["weight"].shape
-        return ProjectorConfig("linear", in_dim, out_dim)
-    if set(state) == {"0.weight", "0.bias", "2.weight", "2.bias"}:
+        return ProjectorConfig("linear", in_dim, out_dim, bias=bias)
+    if set(state) == {"0.weight", "0.bias", "2.weight", "2.bias"} or set(state) == {"0.weight", "2.weight"}:
         out_dim, in_dim = state["0.weight"].shape
-        return ProjectorConfig("mlp2x_gelu", in_dim, out_dim)
+        return ProjectorConfig("mlp2x_gelu", in_dim, out_dim, bias=bias, act=act)
     raise ConfigError(f"--projector: unrecognised weights {sorted(state)}; expected a {wanted} projector "
                       "(keys `0.*`, `2.*` or `weight`, `bias`, optionally prefixed `model.mm_projector.`)")
 
 
 def _check_widths(model: MultimodalModel) -> None:
-    width, hidden = feature_width(model.vision), _embedding_width(model.llm)
+    width, hidden = feature_width(model.vision, model.config.vision), _embedding_width(model.llm)
     cfg = model.config.projector
     if (cfg.in_dim, cfg.out_dim) != (width, hidden):
         raise ConfigError(f"the projector maps {cfg.in_dim} -> {cfg.out_dim} but the vision tower gives {width} "

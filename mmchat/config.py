@@ -12,6 +12,11 @@ RESIZE_MODES = ("shortest_edge", "exact")
 # PIL's resampling filter codes, as image processor configs write them (`resample: 3`).
 RESAMPLE_FILTERS = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
 PROJECTOR_TYPES = ("linear", "mlp2x_gelu")
+# Parameter-free activations of transformers' ACT2FN (llava-hf's `projector_hidden_act`).
+PROJECTOR_ACTS = ("gelu", "gelu_pytorch_tanh", "gelu_new", "gelu_fast", "quick_gelu", "relu", "silu", "tanh")
+# Who runs the vision tower: open_clip (trainable from named weights; exact for CLIP) or transformers' own
+# vision model, kept for converted towers open_clip cannot reproduce exactly (see mmchat.vision).
+VISION_LIBRARIES = ("open_clip", "transformers")
 LOAD_IN = ("4bit", "8bit", "16bit", "32bit")
 
 
@@ -21,11 +26,18 @@ class VisionConfig:
     """open_clip architecture name (informative when the weights live in the checkpoint)."""
     pretrained: str | None = "openai"
     """open_clip pretrained tag; None means the weights are in the checkpoint's `vision/` folder."""
-    select_layer: int = -2
-    """Which hidden state feeds the projector, counted as transformers' CLIP `hidden_states`
-    (0 = embeddings, -1 = last block). LLaVA-1.5 takes -2: the second-to-last block's output."""
+    library: str = "open_clip"
+    """`open_clip`: `vision/` holds an open_clip config + visual weights (or `pretrained` names them);
+    `transformers`: `vision/` holds a transformers `CLIPVisionModel` / `SiglipVisionModel` folder, run
+    as llava-hf runs it (converted towers open_clip cannot reproduce exactly, e.g. SigLIP)."""
+    select_layer: int | list[int] = -2
+    """Which hidden state feeds the projector, counted as transformers' `hidden_states`
+    (0 = embeddings, -1 = last block). LLaVA-1.5 takes -2: the second-to-last block's output.
+    A list concatenates those hidden states along the width, in order (llava-hf's list form)."""
     select_feature: str = "patch"
-    """`patch` drops CLS (LLaVA), `cls_patch` keeps it first, `cls` keeps only the global token."""
+    """`patch` drops the first token (CLS; llava-hf's `default`, which drops it even on towers
+    without one), `cls_patch` keeps every token (llava-hf's `full`; on SigLIP: all patches),
+    `cls` keeps only the first token."""
     image_size: int = 336
     """Side of the square the tower sees: the centre crop, or the plain resize's height and width."""
     mean: tuple[float, float, float] = CLIP_MEAN
@@ -53,8 +65,17 @@ class VisionConfig:
     def __post_init__(self) -> None:
         if self.select_feature not in SELECT_FEATURES:
             raise ValueError(f"select_feature={self.select_feature!r}; choose one of {SELECT_FEATURES}")
-        if self.select_layer == 0:
-            raise ValueError("select_layer=0 is the embedding output, not a block; use -2 (LLaVA) or a block number")
+        if isinstance(self.select_layer, (list, tuple)):
+            if not self.select_layer:
+                raise ValueError("select_layer=[] selects no hidden state; use -2 (LLaVA) or a list of layers")
+            self.select_layer = [int(layer) for layer in self.select_layer]
+        if 0 in self.layers:
+            raise ValueError(f"select_layer={self.select_layer} takes 0, the embedding output, not a block; use -2 (LLaVA) or block numbers")
+        if self.library not in VISION_LIBRARIES:
+            raise ValueError(f"vision library={self.library!r}; choose one of {VISION_LIBRARIES}")
+        if self.library == "transformers" and self.pretrained is not None:
+            raise ValueError(f"vision library='transformers' keeps the tower in the checkpoint's vision/ folder; "
+                             f"pretrained={self.pretrained!r} must be null")
         if self.resize not in RESIZE_MODES:
             raise ValueError(f"resize={self.resize!r}; choose one of {RESIZE_MODES}")
         if self.resample not in RESAMPLE_FILTERS:
@@ -63,16 +84,32 @@ class VisionConfig:
             raise ValueError(f"shortest_edge={self.shortest_edge} is below image_size={self.image_size}: the crop would not fit")
         self.mean, self.std = tuple(self.mean), tuple(self.std)
 
+    @property
+    def layers(self) -> list[int]:
+        """`select_layer` as a list: the hidden states concatenated, in order."""
+        return list(self.select_layer) if isinstance(self.select_layer, list) else [self.select_layer]
+
 
 @dataclass
 class ProjectorConfig:
     type: str = "mlp2x_gelu"
+    """`linear`, or `mlp2x_gelu`: linear -> `act` -> linear (LLaVA's name; llava-hf's projector)."""
     in_dim: int = 1024
+    """The vision feature width, times the number of `select_layer`s when it is a list."""
     out_dim: int = 4096
+    bias: bool = True
+    """Both linears have a bias (llava-hf's `multimodal_projector_bias`)."""
+    act: str = "gelu"
+    """mlp2x_gelu's activation, by transformers' name (`projector_hidden_act`): `gelu` is exact
+    (erf) GELU, as LLaVA's `nn.GELU()`; `gelu_pytorch_tanh` the tanh approximation."""
 
     def __post_init__(self) -> None:
         if self.type not in PROJECTOR_TYPES:
             raise ValueError(f"projector type={self.type!r}; choose one of {PROJECTOR_TYPES}")
+        if self.act not in PROJECTOR_ACTS:
+            raise ValueError(f"projector act={self.act!r}; choose one of {PROJECTOR_ACTS}")
+        if self.type == "linear" and self.act != "gelu":
+            raise ValueError(f"projector act={self.act!r} with type 'linear', which has no activation; use mlp2x_gelu")
 
 
 # The checkpoint's folders (mmchat.checkpoint owns the format; the defaults below name them).

@@ -1,4 +1,4 @@
-"""The multimodal model: CLIP vision tower -> projector -> LLM, and how to load it."""
+"""The multimodal model: vision tower -> projector -> LLM, and how to load it."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -41,7 +41,7 @@ class LoadOptions:
 
 
 class MultimodalModel(nn.Module):
-    """LLaVA-1.5: image features from CLIP's `select_layer`, projected into the LLM's image slots."""
+    """LLaVA-1.5: image features from the tower's `select_layer`, projected into the LLM's image slots."""
 
     def __init__(self, config: ModelConfig, vision: nn.Module, projector: nn.Module, llm: nn.Module, tokenizer):
         super().__init__()

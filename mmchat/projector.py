@@ -12,6 +12,10 @@ def build_projector(cfg: ProjectorConfig) -> nn.Module:
     [B, T, in_dim] -> [B, T, out_dim]
     """
     if cfg.type == "linear":
-        return nn.Linear(cfg.in_dim, cfg.out_dim)
-    # Exact (erf) GELU, as LLaVA's `nn.GELU()`; the tanh approximation changes the logits.
-    return nn.Sequential(nn.Linear(cfg.in_dim, cfg.out_dim), nn.GELU(), nn.Linear(cfg.out_dim, cfg.out_dim))
+        return nn.Linear(cfg.in_dim, cfg.out_dim, bias=cfg.bias)
+    # transformers' own activation module, as llava-hf's projector uses; `gelu` is exact (erf) GELU,
+    # as LLaVA's `nn.GELU()`: the tanh approximation would change the logits.
+    from transformers.activations import ACT2FN
+
+    return nn.Sequential(nn.Linear(cfg.in_dim, cfg.out_dim, bias=cfg.bias), ACT2FN[cfg.act],
+                         nn.Linear(cfg.out_dim, cfg.out_dim, bias=cfg.bias))

@@ -10,6 +10,7 @@ turns into labels through token offsets like any other answer text.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, replace
 
 IMAGE_TOKEN = "<image>"
@@ -62,7 +63,8 @@ class Template:
     not as a string; `resolve_template` finds out which by rendering a probe."""
     end_of_turn: str | None = None
     """`chat` only: the token that closes an answer (`<|im_end|>`, `<|eot_id|>`, ...), found on the
-    probe; generation should stop there, as it may differ from the tokenizer's EOS."""
+    probe; generation should stop there, as it may differ from the tokenizer's EOS. None when the
+    template closes answers with no token (it marks them with `{% generation %}`)."""
 
 
 TEMPLATES = {
@@ -116,7 +118,7 @@ def resolve_template(name: str, tokenizer) -> Template:
         except _NoAnswer as e:
             first_error = first_error or e
             continue
-        return replace(template, end_of_turn=next(c for c in _control_tokens(tokenizer) if text[:end].endswith(c)))
+        return replace(template, end_of_turn=next((c for c in _control_tokens(tokenizer) if text[:end].endswith(c)), None))
     raise ValueError(str(first_error))
 
 
@@ -198,7 +200,9 @@ def chat_text(template: Template, messages: list, tokenizer,
     (`<|im_end|>`, `<|eot_id|>`, `<end_of_turn>`, `<|end|>`, `</s>`). What the template writes
     after that token (a newline, Phi-3's closing EOS) is not labelled: generation stops at the
     end-of-turn token, so the model never produces it; the template writes it when the next turn
-    is rendered.
+    is rendered. A template that marks answers with `{% generation %}` and closes them with no
+    token (llava-hf/llava-1.5's `ASSISTANT: answer USER: ...`) gets the answer's text alone: the
+    model ends it with EOS, which the template never writes.
     """
     text = _apply(template, messages, tokenizer, add_generation_prompt)
     images = sum(m.images for m in messages)
@@ -222,16 +226,23 @@ def chat_text(template: Template, messages: list, tokenizer,
             raise ValueError(f"{_who(tokenizer)}: the conversation with answer {i // 2 + 1} does not start with the "
                              "generation prompt rendered before it; mmchat cannot tell which text is the answer")
         found = [(k, -len(c)) for c in controls if (k := turn.find(c, start + len(answer))) >= 0]
-        if not found:
+        if found:
+            k, minus_length = min(found)  # the first control token after the answer (the longest, on a tie)
+            end = k - minus_length
+        elif _marks_generation(template.chat_template):
+            end = start + len(answer)  # the template marks the answer ({% generation %}); the model ends it with EOS
+        else:
             raise ValueError(f"{_who(tokenizer)} writes no end-of-turn token after an answer, so a model could not "
                              "learn to stop; use a template that closes turns with a special token")
-        k, minus_length = min(found)  # the first control token after the answer (the longest, on a tie)
-        end = k - minus_length
         if text[:end] != turn[:end]:
             raise ValueError(f"{_who(tokenizer)} renders answer {i // 2 + 1} differently once later turns follow; "
                              "mmchat needs each turn rendered the same way in the whole conversation")
         spans.append((len(prompt), end))
     return text, spans
+
+
+def _marks_generation(source: str) -> bool:
+    return re.search(r"{%-?\s*generation\s*-?%}", source) is not None
 
 
 def _apply(template: Template, messages: list, tokenizer, add_generation_prompt: bool) -> str:

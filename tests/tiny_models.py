@@ -266,3 +266,153 @@ def llava_hf_variant(folder: Path, out: Path, image_processor_config: dict | Non
         generation.eos_token_id = eos_token_id
         generation.save_pretrained(out)
     return out
+
+
+# -- the llava-hf zoo: one tiny folder per LLM family, written like the hub's -------------------
+
+def build_chat_tokenizer(specials: list[str], bos: str | None, eos: str, byte_level: bool, adds_bos: bool,
+                         corpus: list[str], vocab_size: int = 320):
+    """A tiny BPE tokenizer in a family's style, with `<image>` added as llava-hf's tokenizers have it.
+
+    `byte_level`: Qwen2 / Llama-3's byte-level BPE (no unknown token); else sentencepiece-like (LLaMA,
+    Mistral, Phi-3, Gemma: "▁" for spaces, a prefix space at the start, `<unk>`). `adds_bos`: the
+    tokenizer puts `bos` before every text (LLaMA's `add_bos_token`; Qwen has none).
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    if byte_level:
+        tok, unk = Tokenizer(models.BPE()), None
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        alphabet = pre_tokenizers.ByteLevel.alphabet()
+    else:
+        unk = "<unk>"
+        tok = Tokenizer(models.BPE(unk_token=unk))
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split("\n", "isolated"), pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")])
+        tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
+        alphabet = []
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[*specials, "<image>"], initial_alphabet=alphabet,
+                                  show_progress=False)
+    tok.train_from_iterator(corpus, trainer)
+    if adds_bos:
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tok.token_to_id(bos))])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=bos, eos_token=eos, unk_token=unk, model_max_length=1024)
+
+
+def build_llava_family(out: Path, text_config, tokenizer, chat_template: str, eos_token_id: int | list[int],
+                       template_file: str = "chat_template.jinja", seed: int = 0):
+    """A random tiny `LlavaForConditionalGeneration` around `text_config` (any causal LM config), saved
+    with a `LlavaProcessor` (the hub's CLIPImageProcessor: shortest edge + centre crop, no pad), the
+    tokenizer, `chat_template` and a generation config stopping at `eos_token_id`.
+
+    `template_file`: where the folder's processor keeps its chat template, as hub folders do:
+    `chat_template.jinja` (transformers 5), `chat_template.json` (the legacy file, llava-1.5's) or a
+    `chat_template` key in `processor_config.json` (older processors). Returns the model (eval mode).
+    """
+    import json
+
+    from transformers import (
+        CLIPImageProcessor, CLIPVisionConfig, GenerationConfig, LlavaConfig, LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
+
+    image_id = tokenizer.convert_tokens_to_ids("<image>")
+    text_config.vocab_size = -(-len(tokenizer) // 64) * 64  # padded, as llava-hf's 32064
+    config = LlavaConfig(vision_config=CLIPVisionConfig(**TINY_HF_CLIP_CFG), text_config=text_config,
+                         image_token_index=image_id, image_seq_length=16, vision_feature_layer=-2,
+                         vision_feature_select_strategy="default")
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config).eval()
+    model.generation_config = GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=eos_token_id,
+                                               pad_token_id=text_config.pad_token_id)
+    model.save_pretrained(out)
+    image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=8,
+                               vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                               chat_template=chat_template if template_file == "chat_template.jinja" else None)
+    processor.save_pretrained(out)
+    if template_file == "chat_template.json":
+        (out / template_file).write_text(json.dumps({"chat_template": chat_template}))
+    elif template_file == "processor_config.json":
+        saved = json.loads((out / template_file).read_text())
+        (out / template_file).write_text(json.dumps({**saved, "chat_template": chat_template}, indent=2))
+    return model
+
+
+# Tiny SigLIP tower shaped like llava-interleave's (no CLS, tanh GELU, eps 1e-6, no pooling head):
+# 32 px, patch 8 -> 16 image tokens with the `full` strategy.
+TINY_HF_SIGLIP_CFG = {
+    "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 3, "num_attention_heads": 4,
+    "image_size": 32, "patch_size": 8, "hidden_act": "gelu_pytorch_tanh", "layer_norm_eps": 1e-6,
+    "vision_use_head": False,
+}
+
+
+def qwen2_config(vocab_size: int, hidden: int = 64, layers: int = 2):
+    from transformers import Qwen2Config
+
+    return Qwen2Config(
+        vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        bos_token_id=1, eos_token_id=2, pad_token_id=3, tie_word_embeddings=False,
+    )
+
+
+def build_llava_hf_tower(out: Path, tokenizer_dir: Path, vision: str = "siglip", seed: int = 0, llm: str = "qwen2",
+                         vision_overrides: dict | None = None, **llava_kwargs):
+    """A random tiny llava-hf folder with a SigLIP (or CLIP) tower and its processor: SigLIP gets
+    llava-interleave's settings (layer -1, `full`, a plain resize with mean/std 0.5), CLIP LLaVA-1.5's;
+    `llava_kwargs` override LlavaConfig fields (vision_feature_layer, multimodal_projector_bias, ...).
+
+    Returns the model (eval mode) so tests can compare against it without reloading.
+    """
+    from transformers import (
+        AutoTokenizer, CLIPImageProcessor, CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration,
+        LlavaProcessor, SiglipImageProcessor, SiglipVisionConfig,
+    )
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    tokenizer.add_tokens(["<image>"], special_tokens=True)
+    siglip = vision == "siglip"
+    vision_config = (SiglipVisionConfig if siglip else CLIPVisionConfig)(
+        **{**(TINY_HF_SIGLIP_CFG if siglip else TINY_HF_CLIP_CFG), **(vision_overrides or {})})
+    settings = {"vision_feature_layer": -1 if siglip else -2, "vision_feature_select_strategy": "full" if siglip else "default",
+                **llava_kwargs}
+    config = LlavaConfig(
+        vision_config=vision_config,
+        text_config={"llama": llama_config, "qwen2": qwen2_config}[llm](LLAVA_HF_VOCAB),
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        image_seq_length=16,
+        **settings,
+    )
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config).eval()
+    model.save_pretrained(out)
+    if siglip:
+        image_processor = SiglipImageProcessor(size={"height": 32, "width": 32}, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    else:
+        image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=8,
+                               vision_feature_select_strategy=settings["vision_feature_select_strategy"],
+                               num_additional_image_tokens=0 if siglip else 1)
+    processor.save_pretrained(out)
+    return model
+
+
+def add_tuned_tower(original: Path, tower) -> Path:
+    """Store `tower` (a transformers CLIPVisionModel) in an original-format LLaVA folder as a tuned tower:
+    `model.vision_tower.vision_tower.vision_model.*` in a shard of its own, listed in the index."""
+    import json
+
+    from safetensors.torch import save_file
+
+    state = {f"model.vision_tower.vision_tower.{k}": v.detach().clone().contiguous() for k, v in tower.state_dict().items()}
+    save_file(state, str(original / "tuned-vision-tower.safetensors"), metadata={"format": "pt"})
+    index_path = original / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    index["weight_map"].update({k: "tuned-vision-tower.safetensors" for k in state})
+    index_path.write_text(json.dumps(index, indent=2))
+    return original

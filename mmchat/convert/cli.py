@@ -21,6 +21,7 @@ from mmchat.convert.clip_weights import UnsupportedTower
 from mmchat.convert.common import ConvertError, log
 from mmchat.convert.from_llava import to_mmchat
 from mmchat.convert.to_llava_hf import to_llava_hf
+from mmchat.templates import TEMPLATE_NAMES
 
 TARGETS = ("mmchat", "llava-hf")
 
@@ -41,6 +42,9 @@ class ConvertArgs:
     pad: bool | None = None
     """Pad images to square (LLaVA-1.5's `image_aspect_ratio: pad`) or not, whatever SRC says; None
     follows SRC: a llava-hf folder's image processor `do_pad`, original LLaVA's `image_aspect_ratio`."""
+    template: str | None = None
+    """The prompt template (`llava_v1`, `vicuna_v1`, `llama_2`, `plain`, `chat`); None: `chat` (the
+    folder's own chat template, as transformers renders it) when SRC has one, else `llava_v1`."""
 
     def __post_init__(self) -> None:
         self.dst = Path(self.dst)
@@ -50,6 +54,10 @@ class ConvertArgs:
             raise ConvertError("Can't combine --vision-tower with --to llava-hf: the mmchat checkpoint already names its tower.")
         if self.to == "llava-hf" and self.pad is not None:
             raise ConvertError("Can't combine --pad/--no-pad with --to llava-hf: the mmchat checkpoint's vision.pad_to_square is exported as do_pad.")
+        if self.to == "llava-hf" and self.template is not None:
+            raise ConvertError("Can't combine --template with --to llava-hf: the mmchat checkpoint's template is exported as its chat template.")
+        if self.template is not None and self.template not in TEMPLATE_NAMES:
+            raise ConvertError(f"--template {self.template!r}: choose one of {', '.join(TEMPLATE_NAMES)}")
 
 
 def parse_args(argv: list[str] | None = None) -> ConvertArgs:
@@ -61,14 +69,16 @@ def parse_args(argv: list[str] | None = None) -> ConvertArgs:
     parser.add_argument("--force", action="store_true", help="replace DST if it exists")
     parser.add_argument("--pad", action=argparse.BooleanOptionalAction, default=None,
                         help="pad images to square (or not) whatever SRC says; default: a llava-hf folder's do_pad, original LLaVA's image_aspect_ratio")
+    parser.add_argument("--template", choices=TEMPLATE_NAMES,
+                        help="prompt template; default: chat (SRC's own chat template) when SRC has one, else llava_v1")
     ns = parser.parse_args(argv)
-    return ConvertArgs(src=ns.src, dst=ns.dst, to=ns.to, vision_tower=ns.vision_tower, force=ns.force, pad=ns.pad)
+    return ConvertArgs(src=ns.src, dst=ns.dst, to=ns.to, vision_tower=ns.vision_tower, force=ns.force, pad=ns.pad, template=ns.template)
 
 
 def convert(args: ConvertArgs) -> Path:
     if args.to == "llava-hf":
         return to_llava_hf(Path(args.src), args.dst, overwrite=args.force)
-    return to_mmchat(args.src, args.dst, vision_tower=args.vision_tower, overwrite=args.force, pad=args.pad)
+    return to_mmchat(args.src, args.dst, vision_tower=args.vision_tower, overwrite=args.force, pad=args.pad, template=args.template)
 
 
 @contextmanager

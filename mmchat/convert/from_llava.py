@@ -4,7 +4,8 @@ SRC's format is detected from its config.json:
   llava-hf   what `LlavaForConditionalGeneration.save_pretrained` writes (`model_type: llava`,
              `text_config`, `vision_config`); loaded through transformers, which renames its keys.
   original   LLaVA's own `LlavaLlamaForCausalLM` (`mm_vision_tower`, `mm_projector_type`, ...): LLaMA
-             weights plus `model.mm_projector.*`; the CLIP tower is named, not included.
+             weights plus `model.mm_projector.*`; the CLIP tower is named, and included only when it
+             was tuned (`model.vision_tower.vision_tower.*`, as xtuner's checkpoints).
 """
 from __future__ import annotations
 
@@ -18,15 +19,19 @@ from torch import nn
 from mmchat.checkpoint import is_checkpoint, save_checkpoint
 from mmchat.convert.clip_weights import open_clip_from_hf
 from mmchat.convert.common import SELECT_STRATEGIES, ConvertError, check_destination, log
+from mmchat.convert.hf_folder import choose_template, image_settings, stop_token_ids, with_pad
+from mmchat.convert.towers import TUNED_TOWER_PREFIX, tower_from_hf, with_tuned_tower
 from mmchat.config import (
     CLIP_MEAN,
     CLIP_STD,
-    RESAMPLE_FILTERS,
+    PROJECTOR_ACTS,
     ModelConfig,
     ProjectorConfig,
     VisionConfig,
 )
 from mmchat.projector import build_projector
+from mmchat.templates import IMAGE_TOKEN
+from mmchat.vision import TRANSFORMERS_TOWERS
 
 # The original checkpoints name their tower by hub id; open_clip has the same OpenAI weights.
 OPENAI_TOWERS = {
@@ -34,14 +39,32 @@ OPENAI_TOWERS = {
     "openai/clip-vit-large-patch14": ("ViT-L-14", "openai"),
 }
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
-PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
+# Vision-language models users mistake for LLaVA-1.5-style ones: config.json's model_type -> what it is.
+UNSUPPORTED = {
+    "llava_next": "LLaVA-NeXT (LlavaNextForConditionalGeneration, AnyRes tiling) is not yet supported",
+    "llava_next_video": "LLaVA-NeXT-Video (LlavaNextVideoForConditionalGeneration) is not yet supported",
+    "llava_onevision": "LLaVA-OneVision (LlavaOnevisionForConditionalGeneration, AnyRes tiling) is not yet supported",
+    "vipllava": "VipLlava (VipLlavaForConditionalGeneration: several tower layers, visual prompts) is not supported",
+    "mllama": "Llama 3.2 Vision (MllamaForConditionalGeneration: cross-attention layers) is not supported",
+    "qwen2_vl": "Qwen2-VL (Qwen2VLForConditionalGeneration: its own tower, dynamic resolution) is not supported",
+    "qwen2_5_vl": "Qwen2.5-VL (Qwen2_5_VLForConditionalGeneration) is not supported",
+    "pixtral": "Pixtral (PixtralVisionModel) is not supported",
+    "mistral3": "Mistral 3 (Mistral3ForConditionalGeneration: a Pixtral tower) is not supported",
+    "paligemma": "PaliGemma (PaliGemmaForConditionalGeneration) is not supported",
+    "idefics2": "Idefics2 (Idefics2ForConditionalGeneration: a perceiver resampler) is not supported",
+    "idefics3": "Idefics3 (Idefics3ForConditionalGeneration) is not supported",
+}
+SUPPORTED = ("mmchat converts llava-hf LlavaForConditionalGeneration folders (llava-1.5, bakLlava, llava-interleave, "
+             "xtuner llava-llama-3 / llava-phi-3, llava-gemma) and original LLaVA-1.5 (LlavaLlamaForCausalLM)")
 
 
-def to_mmchat(src: str, dst: Path, vision_tower: str | None = None, overwrite: bool = False, pad: bool | None = None) -> Path:
+def to_mmchat(src: str, dst: Path, vision_tower: str | None = None, overwrite: bool = False, pad: bool | None = None,
+              template: str | None = None) -> Path:
     """Convert a llava-hf or original-format LLaVA checkpoint (folder or hub id) into an mmchat checkpoint.
 
     `pad` overrides pad-to-square (else: llava-hf follows its image processor's `do_pad`, original
-    LLaVA its `image_aspect_ratio`)."""
+    LLaVA its `image_aspect_ratio`); `template` the prompt template (else: the folder's chat
+    template as `chat` when it has one, `llava_v1` otherwise)."""
     dst = check_destination(dst, overwrite)
     folder = fetch(src)
     kind, config = detect_format(folder)
@@ -49,8 +72,8 @@ def to_mmchat(src: str, dst: Path, vision_tower: str | None = None, overwrite: b
     if kind == "llava-hf":
         if vision_tower:
             raise ConvertError("--vision-tower applies to original-format LLaVA only; a llava-hf checkpoint includes its tower")
-        return from_llava_hf(folder, dst, pad)
-    return from_original(folder, config, dst, vision_tower, pad)
+        return from_llava_hf(folder, dst, pad, template)
+    return from_original(folder, config, dst, vision_tower, pad, template)
 
 
 def fetch(src: str) -> Path:
@@ -82,31 +105,41 @@ def detect_format(folder: Path) -> tuple[str, dict]:
     architectures = config.get("architectures") or []
     if any(k.startswith("mm_") for k in config) or any(a.startswith("Llava") and a.endswith("ForCausalLM") for a in architectures):
         return "original", config
+    what = UNSUPPORTED.get(config.get("model_type"))
+    if config.get("model_type") == "llava" and (config.get("vision_config") or {}).get("model_type") == "pixtral":
+        what = "Pixtral (LlavaForConditionalGeneration with a Pixtral vision tower) is not supported"
+    if what:
+        raise ConvertError(f"{config_path}: {what}; {SUPPORTED}")
     if config.get("model_type") == "llava" and "text_config" in config and "vision_config" in config:
         return "llava-hf", config
     raise ConvertError(
         f"{config_path}: model_type={config.get('model_type')!r}, architectures={architectures} is neither llava-hf "
-        "(LlavaForConditionalGeneration) nor original LLaVA (LlavaLlamaForCausalLM with mm_* keys)"
+        f"(LlavaForConditionalGeneration) nor original LLaVA (LlavaLlamaForCausalLM with mm_* keys); {SUPPORTED}"
     )
 
 
-def from_llava_hf(folder: Path, dst: Path, pad: bool | None = None) -> Path:
-    """llava-hf -> mmchat: the tower becomes open_clip, `linear_1/2` the projector's `0/2`, the LLM a causal LM;
-    preprocessing follows the folder's image processor, stop ids its generation config."""
+def from_llava_hf(folder: Path, dst: Path, pad: bool | None = None, template: str | None = None) -> Path:
+    """llava-hf -> mmchat: the tower becomes open_clip or stays transformers' (`towers.tower_from_hf`),
+    `linear_1/2` the projector's `0/2`, the LLM a causal LM;
+    preprocessing follows the folder's image processor, prompts its chat template, stop ids its generation config."""
     from transformers import AutoTokenizer, LlavaConfig, LlavaForConditionalGeneration
 
     hf_config = LlavaConfig.from_pretrained(folder)
     check_llava_hf(hf_config)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    check_image_token(folder, tokenizer, hf_config.image_token_index)
+    prompt = choose_template(folder, tokenizer, template)  # before the weights load: a bad template fails fast
     log("loading the llava-hf model")
     llava, info = LlavaForConditionalGeneration.from_pretrained(folder, dtype="auto", output_loading_info=True)
     if info["missing_keys"]:
         raise ConvertError(f"{folder} is missing weights {sorted(info['missing_keys'])[:5]}; is the download complete?")
-    visual, clip_cfg = open_clip_from_hf(llava.model.vision_tower)
+    library, visual, clip_cfg = tower_from_hf(llava.model.vision_tower)
     settings = with_pad(image_settings(folder, hf_config.vision_config.image_size), pad)
     try:
         vision = VisionConfig(
             open_clip_model=f"{folder.name}/vision_tower",
             pretrained=None,  # the weights travel in vision/
+            library=library,
             select_layer=hf_config.vision_feature_layer,
             select_feature={v: k for k, v in SELECT_STRATEGIES.items()}[hf_config.vision_feature_select_strategy],
             **settings,
@@ -114,29 +147,40 @@ def from_llava_hf(folder: Path, dst: Path, pad: bool | None = None) -> Path:
     except ValueError as e:
         raise ConvertError(f"{folder}/config.json: {e}") from None
     hf_proj = llava.model.multi_modal_projector
-    projector_cfg = ProjectorConfig("mlp2x_gelu", hf_proj.linear_1.in_features, hf_proj.linear_2.out_features)
+    projector_cfg = ProjectorConfig("mlp2x_gelu", hf_proj.linear_1.in_features, hf_proj.linear_2.out_features,
+                                    bias=hf_config.multimodal_projector_bias, act=hf_config.projector_hidden_act)
     projector = build_projector(projector_cfg)
-    projector.load_state_dict({f"{i}.{p}": getattr(layer, p).float() for i, layer in ((0, hf_proj.linear_1), (2, hf_proj.linear_2)) for p in ("weight", "bias")})
+    projector.load_state_dict({f"{i}.{p}": v.float() for i, layer in ((0, hf_proj.linear_1), (2, hf_proj.linear_2)) for p, v in layer.named_parameters()})
     llm = causal_lm(hf_config.text_config, llava.model.language_model, llava.lm_head)
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    config = ModelConfig(vision=vision, projector=projector_cfg, template="llava_v1", image_token_id=hf_config.image_token_index,
-                         stop_token_ids=stop_token_ids(folder, tokenizer))
+    config = ModelConfig(vision=vision, projector=projector_cfg, template=prompt.name, image_token_id=hf_config.image_token_index,
+                         stop_token_ids=stop_token_ids(folder, tokenizer, prompt.end_of_turn))
     log(f"writing {dst}")
     return save_checkpoint(dst, config, projector, tokenizer, llm=llm, vision=visual, vision_model_cfg=clip_cfg)
 
 
+def check_image_token(folder: Path, tokenizer, image_token_id: int) -> None:
+    """The tokenizer's `<image>` must be the id the model replaces with image features."""
+    found = tokenizer.get_vocab().get(IMAGE_TOKEN)
+    if found is not None and found != image_token_id:
+        raise ConvertError(f"{folder}: the tokenizer's {IMAGE_TOKEN} is token {found} but config.json has "
+                           f"image_token_index={image_token_id}; fix image_token_index")
+
+
 def check_llava_hf(config) -> None:
+    """Refuse, in one line, what mmchat cannot run as transformers runs it."""
     problems = []
-    if config.vision_config.model_type != "clip_vision_model":
-        problems.append(f"vision tower {config.vision_config.model_type!r} (mmchat runs CLIP through open_clip)")
-    if not isinstance(config.vision_feature_layer, int):
-        problems.append(f"vision_feature_layer={config.vision_feature_layer} (several layers)")
+    vision = config.vision_config
+    if vision.model_type not in TRANSFORMERS_TOWERS:
+        problems.append(f"vision tower {vision.model_type!r} (mmchat runs {', '.join(sorted(TRANSFORMERS_TOWERS))})")
+    layers = [config.vision_feature_layer] if isinstance(config.vision_feature_layer, int) else list(config.vision_feature_layer)
+    blocks = vision.num_hidden_layers
+    if not layers or any(layer == 0 or not -blocks - 1 <= layer <= blocks for layer in layers):
+        problems.append(f"vision_feature_layer={config.vision_feature_layer} (mmchat takes block outputs 1..{blocks} or -1..-{blocks})")
     if config.vision_feature_select_strategy not in SELECT_STRATEGIES.values():
-        problems.append(f"vision_feature_select_strategy={config.vision_feature_select_strategy!r}")
-    if config.projector_hidden_act != "gelu":
-        problems.append(f"projector_hidden_act={config.projector_hidden_act!r} (mlp2x_gelu uses exact gelu)")
-    if not config.multimodal_projector_bias:
-        problems.append("a projector without bias")
+        problems.append(f"vision_feature_select_strategy={config.vision_feature_select_strategy!r} "
+                        f"(mmchat runs {', '.join(sorted(SELECT_STRATEGIES.values()))})")
+    if config.projector_hidden_act not in PROJECTOR_ACTS:
+        problems.append(f"projector_hidden_act={config.projector_hidden_act!r} (mmchat runs {', '.join(PROJECTOR_ACTS)})")
     if problems:
         raise ConvertError(f"this llava-hf checkpoint has {'; '.join(problems)}, which mmchat does not support")
 
@@ -153,94 +197,8 @@ def causal_lm(text_config, base_model: nn.Module, lm_head: nn.Module) -> nn.Modu
     return llm
 
 
-def image_settings(folder: Path, default_size: int) -> dict:
-    """VisionConfig's preprocessing fields from the folder's image processor, read as transformers
-    reads it (PIL backend); without one, LlavaImageProcessor's defaults at the tower's size."""
-    if not any((folder / f).is_file() for f in PROCESSOR_FILES):
-        log(f"note: {folder} has no {' or '.join(PROCESSOR_FILES)}; preprocessing with LlavaImageProcessor's defaults: "
-            f"no pad, shortest edge {default_size} + centre crop, bicubic, CLIP mean/std")
-        return {"image_size": default_size, "mean": CLIP_MEAN, "std": CLIP_STD, "pad_to_square": False}
-    from transformers import AutoImageProcessor
-    from transformers.image_utils import PILImageResampling
-    from transformers.models.llava.image_processing_llava import LlavaImageProcessor
-    from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
-
-    processor = AutoImageProcessor.from_pretrained(folder, backend="pil")
-    size, crop, saved = processor.size, processor.crop_size, processor.to_dict()
-    kind = saved["image_processor_type"]
-    where = f"{folder}: {kind} (size {saved.get('size')}, crop {saved.get('crop_size')})"
-    if not processor.do_resize:
-        raise ConvertError(f"{where} does not resize (do_resize false); the vision tower needs {default_size} px images")
-    if size.shortest_edge and not size.longest_edge and processor.do_center_crop and crop.height == crop.width <= size.shortest_edge:
-        geometry = {"resize": "shortest_edge", "image_size": crop.height,
-                    "shortest_edge": None if size.shortest_edge == crop.height else size.shortest_edge}
-    elif size.height and size.height == size.width and (not processor.do_center_crop or crop.height == crop.width == size.height):
-        geometry = {"resize": "exact", "image_size": size.height}
-    else:
-        raise ConvertError(f"{where}: mmchat supports a shortest-edge resize + square centre crop (CLIP) or a square resize (SigLIP)")
-    if geometry["image_size"] != default_size:
-        raise ConvertError(f"{where} makes {geometry['image_size']} px images but the vision tower takes {default_size} px")
-    # Only LLaVA's own image processors pad to square; CLIP's `do_pad` pads a batch to its largest image.
-    pads = bool(processor.do_pad) and isinstance(processor, (LlavaImageProcessor, LlavaImageProcessorPil))
-    resample = PILImageResampling.BILINEAR if processor.resample is None else processor.resample  # PilBackend's default
-    settings = {
-        **geometry,
-        "pad_to_square": pads,
-        "resample": int(resample),
-        "rescale": bool(processor.do_rescale),
-        "rescale_factor": float(processor.rescale_factor),
-        "normalize": bool(processor.do_normalize),
-        "mean": channels(processor.image_mean, CLIP_MEAN),
-        "std": channels(processor.image_std, CLIP_STD),
-        "convert_rgb": bool(processor.do_convert_rgb),
-    }
-    log(f"image processor {kind}: {describe(VisionConfig(**settings))}")
-    return settings
-
-
-def describe(vision: VisionConfig) -> str:
-    """One line of preprocessing, for the log."""
-    side = vision.image_size
-    steps = ["pad to square" if vision.pad_to_square else "no pad",
-             f"shortest edge {vision.shortest_edge or side} + centre crop {side}" if vision.resize == "shortest_edge" else f"resize to {side}×{side}",
-             RESAMPLE_FILTERS[vision.resample]]
-    if vision.normalize:
-        steps.append(f"mean {list(vision.mean)}, std {list(vision.std)}")
-    return ", ".join(steps)
-
-
-def channels(value, default: tuple[float, float, float]) -> tuple[float, float, float]:
-    """A processor's `image_mean` / `image_std`: a list, one number for every channel, or None."""
-    if value is None:
-        return default
-    return (float(value),) * 3 if isinstance(value, (int, float)) else tuple(float(v) for v in value)
-
-
-def with_pad(settings: dict, pad: bool | None) -> dict:
-    """`--pad` / `--no-pad` win over what the folder says."""
-    if pad is None or pad == settings.get("pad_to_square"):
-        return settings
-    log(f"{'--pad' if pad else '--no-pad'}: {'padding' if pad else 'not padding'} images to square, whatever the folder says")
-    return {**settings, "pad_to_square": pad}
-
-
-def stop_token_ids(folder: Path, tokenizer) -> list[int] | None:
-    """The folder's `generation_config.json` `eos_token_id` (int or list) plus the tokenizer's EOS;
-    None when that is the tokenizer's EOS alone (mmchat's default)."""
-    ids = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
-    if (folder / "generation_config.json").is_file():
-        from transformers import GenerationConfig
-
-        eos = GenerationConfig.from_pretrained(folder).eos_token_id
-        ids += [eos] if isinstance(eos, int) else list(eos or [])
-    ids = list(dict.fromkeys(ids))
-    if not ids or ids == [tokenizer.eos_token_id]:
-        return None
-    log(f"generation stops at token ids {ids} ({', '.join(repr(t) for t in tokenizer.convert_ids_to_tokens(ids))})")
-    return ids
-
-
-def from_original(folder: Path, config: dict, dst: Path, vision_tower: str | None, pad: bool | None = None) -> Path:
+def from_original(folder: Path, config: dict, dst: Path, vision_tower: str | None, pad: bool | None = None,
+                  template: str | None = None) -> Path:
     """Original LLaVA -> mmchat: LLaMA weights as a causal LM, `model.mm_projector.*` as the projector."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
@@ -251,6 +209,9 @@ def from_original(folder: Path, config: dict, dst: Path, vision_tower: str | Non
     vision_kwargs, visual, clip_cfg, width = resolve_tower(tower_name, from_flag=vision_tower is not None)
     if config.get("mm_hidden_size", width) != width:
         raise ConvertError(f"mm_hidden_size={config['mm_hidden_size']} but vision tower {tower_name} is {width} wide; pass the right --vision-tower")
+    tuned = read_tensors(folder, weight_files(folder), TUNED_TOWER_PREFIX)
+    if tuned:  # a tower tuned with the LLM (xtuner's; LLaVA's unfrozen tower) travels in the checkpoint
+        vision_kwargs, visual, clip_cfg = with_tuned_tower(vision_kwargs, visual, clip_cfg, tuned, tower_name)
     projector_state = read_tensors(folder, weight_files(folder), "model.mm_projector.")
     if not projector_state:
         raise ConvertError(f"{folder} has no model.mm_projector.* weights; is it a LLaVA checkpoint?")
@@ -282,10 +243,13 @@ def from_original(folder: Path, config: dict, dst: Path, vision_tower: str | Non
     llm, info = LlamaForCausalLM.from_pretrained(folder, config=llama_config, dtype="auto", output_loading_info=True)
     if info["missing_keys"]:
         raise ConvertError(f"{folder} is missing LLaMA weights {sorted(info['missing_keys'])[:5]}; is the download complete?")
-    if any(".vision_tower." in k for k in info["unexpected_keys"]):
-        log(f"note: ignoring vision tower weights stored in the checkpoint; the tower comes from {tower_name}")
+    stray = sorted(k for k in info["unexpected_keys"] if "vision_tower" in k and not k.startswith(TUNED_TOWER_PREFIX))
+    if stray:
+        raise ConvertError(f"{folder} stores vision tower weights as {stray[0]}, ...; mmchat reads a tuned tower from {TUNED_TOWER_PREFIX}*")
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    config_out = ModelConfig(vision=vision, projector=projector_cfg, template="llava_v1", stop_token_ids=stop_token_ids(folder, tokenizer))
+    prompt = choose_template(folder, tokenizer, template or "llava_v1")  # LLaVA's own format unless --template
+    config_out = ModelConfig(vision=vision, projector=projector_cfg, template=prompt.name,
+                             stop_token_ids=stop_token_ids(folder, tokenizer, prompt.end_of_turn))
     log(f"writing {dst}")
     return save_checkpoint(dst, config_out, projector, tokenizer, llm=llm, vision=visual, vision_model_cfg=clip_cfg)
 

@@ -16,7 +16,7 @@ from mmchat.convert.clip_weights import hf_from_open_clip
 from mmchat.config import ModelConfig
 from mmchat.convert.common import MERGE_HINT, SELECT_STRATEGIES, ConvertError, check_destination, log
 from mmchat.templates import CHAT, IMAGE_TOKEN, get_template, resolve_template
-from mmchat.vision import load_vision_tower, num_image_tokens
+from mmchat.vision import TRANSFORMERS_TOWERS, is_transformers_tower, load_vision_tower, num_image_tokens
 
 
 def to_llava_hf(src: Path, dst: Path, overwrite: bool = False) -> Path:
@@ -53,33 +53,36 @@ def exportable_config(src: Path) -> ModelConfig:
     if config.adapter:
         raise ConvertError(f"{src} holds a PEFT adapter on top of {config.llm}, not a full LLM; {MERGE_HINT}")
     if config.projector.type != "mlp2x_gelu":
-        raise ConvertError(f"projector type {config.projector.type!r}: llava-hf always has linear_1 -> gelu -> linear_2 (mlp2x_gelu)")
+        raise ConvertError(f"projector type {config.projector.type!r}: llava-hf always has linear_1 -> act -> linear_2 (mlp2x_gelu)")
     if config.vision.select_feature not in SELECT_STRATEGIES:
         raise ConvertError(f"vision select_feature={config.vision.select_feature!r}: llava-hf supports {sorted(SELECT_STRATEGIES)}")
     return config
 
 
 def assemble_llava(config: ModelConfig, visual: nn.Module, projector_state: dict, llm: nn.Module, image_token_id: int) -> nn.Module:
-    """A `LlavaForConditionalGeneration` around the LLM's own modules, the tower as transformers' CLIP
-    and the projector's `0/2` as `linear_1/2`, all in the LLM's dtype."""
+    """A `LlavaForConditionalGeneration` around the LLM's own modules, the tower as transformers' model
+    (open_clip's mapped back to CLIP) and the projector's `0/2` as `linear_1/2`, all in the LLM's dtype."""
     from transformers import LlavaConfig, LlavaForConditionalGeneration
     from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
 
     dtype = llm.get_input_embeddings().weight.dtype
-    tower = hf_from_open_clip(visual, dtype)
+    # A transformers tower is already llava-hf's; an open_clip one maps back to CLIPVisionModel.
+    tower = visual.to(dtype).eval() if is_transformers_tower(visual) else hf_from_open_clip(visual, dtype)
     hf_config = LlavaConfig(
         vision_config=tower.config,
         text_config=llm.config,
         image_token_index=image_token_id,
         image_seq_length=num_image_tokens(visual, config.vision),
-        projector_hidden_act="gelu",
+        projector_hidden_act=config.projector.act,
+        multimodal_projector_bias=config.projector.bias,
         vision_feature_layer=config.vision.select_layer,
         vision_feature_select_strategy=SELECT_STRATEGIES[config.vision.select_feature],
     )
     with torch.device("meta"):  # every module is replaced below; nothing is allocated twice
         llava = LlavaForConditionalGeneration(hf_config)
     projector = LlavaMultiModalProjector(hf_config)
-    projector.load_state_dict({f"linear_{n}.{p}": projector_state[f"{i}.{p}"] for n, i in ((1, 0), (2, 2)) for p in ("weight", "bias")})
+    params = ("weight", "bias") if config.projector.bias else ("weight",)
+    projector.load_state_dict({f"linear_{n}.{p}": projector_state[f"{i}.{p}"] for n, i in ((1, 0), (2, 2)) for p in params})
     llava.model.vision_tower = tower
     llava.model.multi_modal_projector = projector.to(dtype)
     llava.model.language_model = getattr(llm, llm.base_model_prefix)
@@ -90,7 +93,7 @@ def assemble_llava(config: ModelConfig, visual: nn.Module, projector_state: dict
 
 def llava_processor(config: ModelConfig, hf_config, tokenizer):
     """`LlavaProcessor`: the tokenizer, a LLaVA image processor with mmchat's preprocessing (`do_pad`
-    is LLaVA's pad to square; `from_llava.image_settings` reads each setting back) and a chat
+    is LLaVA's pad to square; `hf_folder.image_settings` reads each setting back) and a chat
     template rendering mmchat's prompt."""
     from transformers import LlavaProcessor
     from transformers.models.llava.image_processing_llava import LlavaImageProcessor
@@ -116,7 +119,8 @@ def llava_processor(config: ModelConfig, hf_config, tokenizer):
         tokenizer=tokenizer,
         patch_size=hf_config.vision_config.patch_size,
         vision_feature_select_strategy=hf_config.vision_feature_select_strategy,
-        num_additional_image_tokens=1,  # CLIP's CLS; the "default" strategy drops it again
+        # CLIP's CLS (the "default" strategy drops it again); SigLIP has none
+        num_additional_image_tokens=TRANSFORMERS_TOWERS[hf_config.vision_config.model_type],
         chat_template=chat_template(config.template, tokenizer),
     )
 

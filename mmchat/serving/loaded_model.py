@@ -53,10 +53,20 @@ def load_served_model(config: ServeConfig) -> ServedModel:
 
 
 def describe(model: MultimodalModel, config: ServeConfig, options: LoadOptions) -> str:
+    """The status line: which model, weights and device, its LLM family, vision tower and image tokens."""
     name = "the demo model" if config.is_demo_model else _display_name(config.model)
     line = (f"Serving {name} · {WEIGHTS[options.load_in]} weights · {options.device} · "
-            f"{model.max_context}-token context, {model.image_tokens} tokens per image")
+            f"{model.llm.config.model_type} LLM, {_tower(model)}, {model.image_tokens} tokens per image, "
+            f"{model.max_context}-token context")
     return f"{line}. {DEMO_LIMITS}" if config.is_demo_model else line
+
+
+def _tower(model: MultimodalModel) -> str:
+    vision = model.config.vision
+    # open_clip's class is its ViT (a CLIP); transformers' classes name themselves (SiglipVisionModel)
+    kind = {"VisionTransformer": "CLIP ViT"}.get(type(model.vision).__name__, type(model.vision).__name__)
+    named = f" {vision.open_clip_model}/{vision.pretrained}" if vision.pretrained else ""
+    return f"{kind}{named} tower at {vision.image_size} px"
 
 
 def _display_name(model: str) -> str:

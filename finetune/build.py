@@ -20,7 +20,10 @@ from mmchat.checkpoint import PROJECTOR_FILE, is_checkpoint, read_config, resolv
 from mmchat.config import ModelConfig, ProjectorConfig, VisionConfig
 from mmchat.model import LoadOptions, MultimodalModel, load_llm, load_tokenizer
 from mmchat.projector import build_projector
-from mmchat.vision import OPEN_CLIP_CONFIG, VISION_DIR, feature_width, load_vision_tower
+from mmchat.templates import CHAT, resolve_template
+from mmchat.vision import (
+    OPEN_CLIP_CONFIG, VISION_DIR, feature_block, feature_width, load_vision_tower, num_image_tokens, preprocess_settings,
+)
 
 LLAVA_PROJECTOR_PREFIXES = ("model.mm_projector.", "mm_projector.")
 
@@ -46,8 +49,9 @@ def build_model(cfg: TrainConfig, device: str) -> Built:
     if adapter and cfg.stage == "full":
         raise ConfigError(f"--model {cfg.model} holds a LoRA adapter; merge it first "
                           "(python -m finetune.merge) to train every weight with --stage full")
-    llm = load_llm(llm_ref, options, adapter, trainable=adapter is not None and cfg.stage == "instruct")
     tokenizer = load_tokenizer(tokenizer_ref)
+    _check_template(cfg, tokenizer)
+    llm = load_llm(llm_ref, options, adapter, trainable=adapter is not None and cfg.stage == "instruct")
     if projector is None:  # a new projector: its input is the tower's width, its output the LLM's
         config.projector = ProjectorConfig(cfg.projector_type, feature_width(vision, config.vision), _embedding_width(llm))
         projector = build_projector(config.projector)
@@ -89,13 +93,41 @@ def _from_parts(cfg: TrainConfig):
                               "checkpoint folder whose vision tower to use")
         vision = load_vision_tower(VisionConfig(open_clip_model=cfg.vision, pretrained=cfg.vision_pretrained))
         vision_config = VisionConfig(
-            open_clip_model=cfg.vision, pretrained=cfg.vision_pretrained, image_size=vision.image_size[0],
-            mean=tuple(vision.image_mean), std=tuple(vision.image_std))
+            open_clip_model=cfg.vision, pretrained=cfg.vision_pretrained, select_layer=cfg.vision_layers,
+            select_feature=cfg.vision_select_feature, **preprocess_settings(vision))
+        _check_features(vision, vision_config)
         vision_cfg = None
     projector = read_projector(Path(cfg.projector)) if cfg.projector else None
     llm_ref = _absolute(cfg.llm)
     config = ModelConfig(vision=vision_config, llm=llm_ref)
     return config, vision, vision_cfg, projector, llm_ref, llm_ref, None
+
+
+def _check_features(vision: nn.Module, config: VisionConfig) -> None:
+    """--vision-select-layer / --vision-select-feature against the tower, before any training."""
+    try:
+        num_image_tokens(vision, config)
+    except ValueError as e:
+        raise ConfigError(f"--vision {config.open_clip_model} --vision-select-feature: {e}") from None
+    try:
+        for layer in config.layers:
+            feature_block(vision, layer)
+    except ValueError as e:
+        raise ConfigError(f"--vision {config.open_clip_model} --vision-select-layer: {e}") from None
+
+
+def _check_template(cfg: TrainConfig, tokenizer) -> None:
+    """A `chat` template whose answers end in no token would train a model that never stops."""
+    if cfg.template_name != CHAT:
+        return
+    try:
+        template = resolve_template(CHAT, tokenizer)
+    except ValueError as e:
+        raise ConfigError(f"--template chat: {e}") from None
+    if template.end_of_turn is None:
+        raise ConfigError(f"--template chat: the chat template of tokenizer {tokenizer.name_or_path!r} closes answers "
+                          "with no token, so the labels hold no stop token and the model would never learn to stop; "
+                          "pick a --template that closes answers with a token (e.g. llava_v1)")
 
 
 def _absolute(ref: str) -> str:

@@ -19,7 +19,7 @@ from pathlib import Path
 import yaml
 
 from mmchat.config import LOAD_IN as MODEL_LOAD_IN
-from mmchat.config import PROJECTOR_TYPES
+from mmchat.config import PROJECTOR_TYPES, SELECT_FEATURES
 
 STAGES = ("align", "instruct", "full")
 LOAD_IN = ("auto", *MODEL_LOAD_IN)
@@ -52,9 +52,16 @@ class TrainConfig:
     llm: str | None = None
     """Or start from parts: a Hugging Face causal LM id or folder (the tokenizer comes with it)."""
     vision: str = "ViT-L-14-336"
-    """With --llm: an open_clip model name, or an mmchat checkpoint whose vision tower to use."""
+    """With --llm: an open_clip model name with patch tokens (OpenAI CLIP, DFN, MetaCLIP, SigLIP, SigLIP2,
+    EVA; its preprocessing comes with it), or an mmchat checkpoint whose vision tower to use."""
     vision_pretrained: str | None = "openai"
-    """With --llm and an open_clip name: its pretrained tag."""
+    """With --llm and an open_clip name: its pretrained tag (e.g. openai, webli)."""
+    vision_select_layer: list[str] = field(default_factory=lambda: ["-2"])
+    """With --llm and an open_clip name: the hidden state(s) that feed the projector, counted as
+    transformers' hidden_states (-1 = the last block's output; LLaVA-1.5: -2); several are concatenated."""
+    vision_select_feature: str = "patch"
+    """With --llm and an open_clip name: patch (the patch tokens), cls_patch (class token + patches) or
+    cls; towers without a class token (SigLIP) take only patch."""
     projector: str | None = None
     """Projector weights to start from: projector.safetensors, LLaVA's mm_projector.bin, or an
     mmchat checkpoint folder; none starts a new projector (stage 1 from parts)."""
@@ -147,6 +154,8 @@ class TrainConfig:
         _check_choice("lr_scheduler", self.lr_scheduler, SCHEDULERS)
         _check_choice("precision", self.precision, PRECISIONS)
         _check_choice("projector_type", self.projector_type, PROJECTOR_TYPES)
+        _check_choice("vision_select_feature", self.vision_select_feature, SELECT_FEATURES)
+        self._check_layers()
         if self.model and self.llm:
             raise ConfigError("Can't provide both --model and --llm. Choose one: --model starts from an mmchat "
                               "checkpoint, --llm from parts (with --vision and optionally --projector).")
@@ -173,6 +182,23 @@ class TrainConfig:
         if not self.lora_targets or (ALL_LINEAR in self.lora_targets and len(self.lora_targets) > 1):
             raise ConfigError(f"--lora-targets: give module names (e.g. q_proj v_proj) or {ALL_LINEAR} alone, "
                               f"got {self.lora_targets}")
+
+    def _check_layers(self) -> None:
+        try:  # a list of ints, kept as text like every list option (YAML and flags give either)
+            layers = [int(v) for v in self.vision_select_layer]
+        except (TypeError, ValueError):
+            raise ConfigError(f"--vision-select-layer: give layer numbers (e.g. -2, or -2 -1), got "
+                              f"{' '.join(map(str, self.vision_select_layer))}") from None
+        if not layers or 0 in layers:
+            raise ConfigError(f"--vision-select-layer {' '.join(map(str, layers))}: give block outputs (-1 = the last "
+                              "block, 1 = the first), not 0 (the embeddings)")
+        self.vision_select_layer = [str(v) for v in layers]
+
+    @property
+    def vision_layers(self) -> int | list[int]:
+        """--vision-select-layer as VisionConfig takes it: one int, or a list when several."""
+        layers = [int(v) for v in self.vision_select_layer]
+        return layers[0] if len(layers) == 1 else layers
 
     def _check_numbers(self) -> None:
         for name in ("max_length", "epochs", "batch_size", "grad_accum", "lora_r", "lora_alpha", "keep_checkpoints",
@@ -316,14 +342,14 @@ def build_parser(defaults: dict) -> argparse.ArgumentParser:
                     "Every option is a YAML key of --config and a flag; flags win. Optional values take `none`.")
     parser.add_argument("--config", help="a YAML file of options (finetune/configs/*.yaml)")
     choices = {"stage": STAGES, "load_in": LOAD_IN, "optimizer": OPTIMIZERS, "lr_scheduler": SCHEDULERS,
-               "precision": PRECISIONS, "projector_type": PROJECTOR_TYPES}
+               "precision": PRECISIONS, "projector_type": PROJECTOR_TYPES, "vision_select_feature": SELECT_FEATURES}
     docs = field_docs()
     for name, (base, optional) in _field_types().items():
         kwargs: dict = {"dest": name, "default": defaults[name], "help": docs.get(name, "") + " (default: %(default)s)"}
         if base is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
         elif base is list:
-            kwargs.update(nargs="+", metavar="NAME")
+            kwargs.update(nargs="+", metavar="LAYER" if name == "vision_select_layer" else "NAME")
         else:
             kwargs["type"] = _optional(base) if optional else base
             kwargs["choices"] = choices.get(name)

@@ -61,6 +61,10 @@ class Template:
     assistant_parts: bool = False
     """`chat` only: the Jinja template reads an answer as a list of parts (llava-hf's templates do),
     not as a string; `resolve_template` finds out which by rendering a probe."""
+    user_text: bool = False
+    """`chat` only: a user message goes in as one string, `<image>\n` per image before the text
+    (LLaVA-OneVision's data format), for templates written for text-only LLMs (Qwen2-Instruct,
+    Llama-3-Instruct), which take no content parts; used only when parts do not render."""
     end_of_turn: str | None = None
     """`chat` only: the token that closes an answer (`<|im_end|>`, `<|eot_id|>`, ...), found on the
     probe; generation should stop there, as it may differ from the tokenizer's EOS. None when the
@@ -111,11 +115,17 @@ def resolve_template(name: str, tokenizer) -> Template:
                          f"another --template ({', '.join(sorted(TEMPLATES))})")
     probe = [Message(USER, "Which colour is it?", 1), Message(ASSISTANT, "It is red.")]
     first_error = None
-    for parts in (False, True):  # an answer as a string first, as transformers' text templates take it
-        template = Template(CHAT, "", CHAT, chat_template=source, assistant_parts=parts)
+    # Content parts first (what llava-hf's templates take; an answer as a string first, as
+    # transformers' text templates take it), then plain strings, only for a template that fails on
+    # parts altogether (written for a text-only LLM): one that takes parts but writes no <image>
+    # for an image part cannot show images, and is refused.
+    for user_text, parts in ((False, False), (False, True), (True, False)):
+        if user_text and not isinstance(first_error, _RenderFailed):
+            break
+        template = Template(CHAT, "", CHAT, chat_template=source, assistant_parts=parts, user_text=user_text)
         try:
             text, [(_, end)] = chat_text(template, probe, tokenizer, add_generation_prompt=False)
-        except _NoAnswer as e:
+        except (_NoAnswer, _RenderFailed) as e:
             first_error = first_error or e
             continue
         return replace(template, end_of_turn=next((c for c in _control_tokens(tokenizer) if text[:end].endswith(c)), None))
@@ -187,6 +197,10 @@ class _NoAnswer(ValueError):
     """The chat template did not write an answer's text."""
 
 
+class _RenderFailed(ValueError):
+    """The chat template raised while rendering (e.g. a text-only template given content parts)."""
+
+
 def chat_text(template: Template, messages: list, tokenizer,
               add_generation_prompt: bool) -> tuple[str, list[tuple[int, int]]]:
     """`chat` style: (the prompt string, the character spans of the answers in it).
@@ -250,7 +264,9 @@ def _apply(template: Template, messages: list, tokenizer, add_generation_prompt:
 
     chat = []
     for m in messages:
-        if m.role == USER:
+        if m.role == USER and template.user_text:
+            content = f"{IMAGE_TOKEN}\n" * m.images + m.text
+        elif m.role == USER:
             content = [{"type": "image"} for _ in range(m.images)] + [{"type": "text", "text": m.text}]
         else:
             content = [{"type": "text", "text": m.text}] if template.assistant_parts else m.text
@@ -258,8 +274,8 @@ def _apply(template: Template, messages: list, tokenizer, add_generation_prompt:
     try:
         return tokenizer.apply_chat_template(chat, chat_template=template.chat_template, tokenize=False,
                                              add_generation_prompt=add_generation_prompt)
-    except jinja2.TemplateError as e:
-        raise ValueError(f"{_who(tokenizer)} failed: {' '.join(str(e).split())}") from None
+    except (jinja2.TemplateError, TypeError) as e:  # TypeError: a text-only template adding str + parts
+        raise _RenderFailed(f"{_who(tokenizer)} failed: {' '.join(str(e).split())}") from None
 
 
 def _control_tokens(tokenizer) -> list[str]:

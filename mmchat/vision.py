@@ -1,13 +1,18 @@
 """The vision tower (open_clip, or transformers' own vision model) and LLaVA's feature selection.
 
 open_clip runs CLIP feature-for-feature as transformers does and loads named pretrained weights, so
-mmchat trains on it. A converted tower open_clip cannot reproduce exactly stays transformers' vision
+mmchat trains on it. Any open_clip tower with patch tokens serves: open_clip's own `VisionTransformer`
+(OpenAI CLIP, DFN, MetaCLIP: a class token, then the patches) and `TimmModel` towers around a timm ViT
+trunk (SigLIP, SigLIP2: patches only; EVA: a class token first); a ResNet or ConvNeXt tower has none.
+
+A converted tower open_clip cannot reproduce exactly stays transformers' vision
 model (`VisionConfig.library`): open_clip's SigLIP wraps timm's ViT, whose exact GELU differs from the
 tanh GELU llava-hf's SigLIP configs ask for by up to ~5e-4 per activation, compounding over 26 blocks,
 and open_clip's own ViT always has a class token, which SigLIP lacks.
 """
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
 
@@ -23,11 +28,15 @@ OPEN_CLIP_CONFIG = "open_clip_config.json"  # open_clip's own `local-dir:` layou
 VISUAL_WEIGHTS = "visual.safetensors"
 # transformers' vision models mmchat runs -> how many tokens (CLS) precede the patch grid.
 TRANSFORMERS_TOWERS = {"clip_vision_model": 1, "siglip_vision_model": 0}
+SERVING_TOWERS = "open_clip ViTs (OpenAI CLIP, DFN, MetaCLIP) and timm ViT trunks (SigLIP, SigLIP2, EVA)"
+# open_clip's preprocess `resize_mode` -> VisionConfig: squash (SigLIP) is a plain resize to the square, no pad;
+# shortest (CLIP) LLaVA's pad to square, short side, centre crop; longest fits the image inside the square.
+RESIZE_FROM_OPEN_CLIP = {"squash": ("exact", False), "shortest": ("shortest_edge", True), "longest": ("exact", True)}
 
 
 def load_vision_tower(cfg: VisionConfig, checkpoint: Path | None = None) -> nn.Module:
-    """open_clip's `VisionTransformer` (or, with `library: transformers`, transformers' vision model),
-    frozen, float32, in eval mode.
+    """An open_clip tower with patch tokens (or, with `library: transformers`, transformers' vision
+    model), frozen, float32, in eval mode; other open_clip towers are refused (`check_tower`).
 
     Named pretrained weights (`cfg.pretrained`, e.g. ViT-L-14-336/openai) come through open_clip;
     otherwise the checkpoint's `vision/` folder holds an open_clip model config and the weights, or
@@ -36,6 +45,9 @@ def load_vision_tower(cfg: VisionConfig, checkpoint: Path | None = None) -> nn.M
     if cfg.library == "transformers":
         return load_transformers_tower(Path(checkpoint or ".") / VISION_DIR)
     if cfg.pretrained:
+        if open_clip.get_model_config(cfg.open_clip_model) is None:
+            raise ValueError(f"vision tower {cfg.open_clip_model!r} is not an open_clip model name "
+                             "(open_clip.list_models() names them; --vision)")
         try:
             model = open_clip.create_model(cfg.open_clip_model, pretrained=cfg.pretrained)
         except Exception as e:  # open_clip raises several types for missing files / network errors
@@ -49,11 +61,57 @@ def load_vision_tower(cfg: VisionConfig, checkpoint: Path | None = None) -> nn.M
         weights = folder / VISUAL_WEIGHTS
         if not weights.is_file():
             raise FileNotFoundError(f"vision weights missing: {weights}; re-convert the checkpoint with `python -m mmchat.convert`")
-        model_cfg = json.loads((folder / OPEN_CLIP_CONFIG).read_text())["model_cfg"]
-        # The folder holds only the visual tower's weights, so build CLIP from its config and keep `.visual`.
-        visual = open_clip.CLIP(**model_cfg).visual
+        visual = visual_from_config(json.loads((folder / OPEN_CLIP_CONFIG).read_text())["model_cfg"])
         visual.load_state_dict(load_file(weights))
+    check_tower(visual, cfg.open_clip_model)
     return visual.float().eval().requires_grad_(False)
+
+
+def visual_from_config(model_cfg: dict) -> nn.Module:
+    """The visual tower of an open_clip model config, random weights (the folder holds them).
+
+    Built as `CLIP` and `CustomTextCLIP` (SigLIP's class) both build `.visual`, without their text
+    tower: SigLIP-SO400M's has ~450M parameters, and an `hf_model_name` one would download a model.
+    """
+    vision_cfg = dict(model_cfg["vision_cfg"])
+    if "timm_model_name" in vision_cfg:
+        vision_cfg["timm_model_pretrained"] = False  # timm would download its own weights
+    return open_clip.model._build_vision_tower(model_cfg["embed_dim"], vision_cfg, model_cfg.get("quick_gelu", False))
+
+
+def preprocess_settings(visual: nn.Module) -> dict:
+    """VisionConfig fields for an open_clip tower's own preprocessing (`visual.preprocess_cfg`, which
+    `create_model` fills from the pretrained tag: SigLIP's mean/std 0.5 and plain resize, CLIP's crop)."""
+    pp = visual.preprocess_cfg
+    size = pp["size"] if isinstance(pp["size"], int) else pp["size"][0]
+    if not isinstance(pp["size"], int) and pp["size"][0] != pp["size"][1]:
+        raise ValueError(f"open_clip preprocessing size {tuple(pp['size'])} is not square; mmchat's towers see a square")
+    if pp["resize_mode"] not in RESIZE_FROM_OPEN_CLIP:
+        raise ValueError(f"open_clip resize_mode {pp['resize_mode']!r}; mmchat maps {sorted(RESIZE_FROM_OPEN_CLIP)}")
+    resize, pad = RESIZE_FROM_OPEN_CLIP[pp["resize_mode"]]
+    resample = {"bilinear": 2, "nearest": 0}.get(pp["interpolation"], 3)  # bicubic (and `random`, a training-time choice)
+    return {"image_size": size, "mean": tuple(pp["mean"]), "std": tuple(pp["std"]), "resize": resize,
+            "pad_to_square": pad, "resample": resample}
+
+
+def _trunk(visual: nn.Module) -> nn.Module | None:
+    """The timm trunk of an open_clip `TimmModel` (SigLIP, EVA, ...); None for other towers."""
+    return visual.trunk if isinstance(visual, open_clip.timm_model.TimmModel) else None
+
+
+def check_tower(visual: nn.Module, name: str) -> None:
+    """Refuse, in one line naming the tower, an open_clip tower that gives no patch tokens."""
+    if is_transformers_tower(visual) or isinstance(visual, open_clip.transformer.VisionTransformer):
+        return
+    trunk = _trunk(visual)
+    if trunk is None:
+        raise ValueError(f"vision tower {name}: open_clip's {type(visual).__name__} gives no patch tokens; mmchat "
+                         f"takes {SERVING_TOWERS}")
+    takes_tokens = callable(getattr(trunk, "forward_intermediates", None)) and \
+        "return_prefix_tokens" in inspect.signature(trunk.forward_intermediates).parameters
+    if not (takes_tokens and all(hasattr(trunk, a) for a in ("patch_embed", "blocks", "num_prefix_tokens"))):
+        raise ValueError(f"vision tower {name}: its timm trunk {type(trunk).__name__} gives no patch tokens "
+                         f"(no ViT forward_intermediates); mmchat takes {SERVING_TOWERS}")
 
 
 def load_transformers_tower(folder: Path) -> nn.Module:
@@ -91,7 +149,8 @@ def save_vision_tower(visual: nn.Module, model_cfg: dict, checkpoint: Path) -> N
 def num_blocks(visual: nn.Module) -> int:
     if is_transformers_tower(visual):
         return visual.config.num_hidden_layers
-    return len(visual.transformer.resblocks)
+    trunk = _trunk(visual)
+    return len(trunk.blocks) if trunk is not None else len(visual.transformer.resblocks)
 
 
 def feature_block(visual: nn.Module, layer: int) -> int:
@@ -104,24 +163,45 @@ def feature_block(visual: nn.Module, layer: int) -> int:
 
 
 def tower_tokens(visual: nn.Module) -> tuple[int, int]:
-    """(tokens before the patches, patches) one image gives: (1, grid) for CLIP, (0, grid) for SigLIP."""
+    """(tokens before the patches, patches) one image gives: (1, grid) for CLIP, (0, grid) for SigLIP
+    (timm trunks: their class and register tokens)."""
     if is_transformers_tower(visual):
         side = visual.config.image_size // visual.config.patch_size
         return TRANSFORMERS_TOWERS[visual.config.model_type], side * side
+    trunk = _trunk(visual)
+    if trunk is not None:
+        grid = trunk.patch_embed.grid_size
+        return trunk.num_prefix_tokens, grid[0] * grid[1]
     return 1, visual.grid_size[0] * visual.grid_size[1]  # open_clip's ViT always has a class token
 
 
+def _has_class_token(visual: nn.Module) -> bool:
+    trunk = _trunk(visual)
+    return trunk is None or getattr(trunk, "cls_token", None) is not None  # open_clip's ViT always has one
+
+
 def num_image_tokens(visual: nn.Module, cfg: VisionConfig) -> int:
-    """How many slots one image fills: every token less the first (`patch`), every token, or 1 for `cls`."""
+    """How many slots one image fills. open_clip towers: the patches (`patch`), the class token then the
+    patches (`cls_patch`), or the class token (`cls`). transformers towers, as llava-hf: every token
+    less the first (`patch`, even on SigLIP), every token (`cls_patch`), or the first (`cls`)."""
     prefix, grid = tower_tokens(visual)
-    if cfg.select_feature == "cls" and not prefix:
-        raise ValueError("vision select_feature='cls': this tower has no class token; use patch or cls_patch")
-    return {"patch": prefix + grid - 1, "cls_patch": prefix + grid, "cls": 1}[cfg.select_feature]
+    if is_transformers_tower(visual):
+        if cfg.select_feature == "cls" and not prefix:
+            raise ValueError("vision select_feature='cls': this tower has no class token; use patch or cls_patch")
+        return {"patch": prefix + grid - 1, "cls_patch": prefix + grid, "cls": 1}[cfg.select_feature]
+    if cfg.select_feature != "patch" and not _has_class_token(visual):
+        raise ValueError(f"vision select_feature={cfg.select_feature!r}: tower {cfg.open_clip_model} has no class "
+                         "token; use patch (all its patch tokens)")
+    return {"patch": grid, "cls_patch": 1 + grid, "cls": 1}[cfg.select_feature]
 
 
 def feature_width(visual: nn.Module, cfg: VisionConfig) -> int:
     """The projector's input width: the tower's width once per selected layer."""
-    width = visual.config.hidden_size if is_transformers_tower(visual) else visual.conv1.out_channels
+    if is_transformers_tower(visual):
+        width = visual.config.hidden_size
+    else:
+        trunk = _trunk(visual)
+        width = trunk.embed_dim if trunk is not None else visual.conv1.out_channels
     return width * len(cfg.layers)
 
 
@@ -144,11 +224,15 @@ def image_features(visual: nn.Module, pixels: torch.Tensor, cfg: VisionConfig) -
         stop_early=True,  # blocks after the last selected one are never run
         intermediates_only=True,
         output_fmt="NLC",
-        output_extra_tokens=True,
+        output_extra_tokens=True,  # the prefix tokens apart; absent on a tower without any (SigLIP)
     )
     features = []
     for block in blocks:
         i = taken.index(block)
-        patches, cls = out["image_intermediates"][i], out["image_intermediates_prefix"][i]  # [B, P, D], [B, 1, D]
-        features.append({"patch": patches, "cls": cls, "cls_patch": torch.cat([cls, patches], dim=1)}[cfg.select_feature])
+        patches = out["image_intermediates"][i]  # [B, P, D]
+        if cfg.select_feature == "patch":
+            features.append(patches)
+            continue
+        cls = out["image_intermediates_prefix"][i][:, :1]  # [B, 1, D]: the class token leads (then any registers)
+        features.append(cls if cfg.select_feature == "cls" else torch.cat([cls, patches], dim=1))
     return torch.cat(features, dim=-1)

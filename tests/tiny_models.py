@@ -271,8 +271,9 @@ def llava_hf_variant(folder: Path, out: Path, image_processor_config: dict | Non
 # -- the llava-hf zoo: one tiny folder per LLM family, written like the hub's -------------------
 
 def build_chat_tokenizer(specials: list[str], bos: str | None, eos: str, byte_level: bool, adds_bos: bool,
-                         corpus: list[str], vocab_size: int = 320):
-    """A tiny BPE tokenizer in a family's style, with `<image>` added as llava-hf's tokenizers have it.
+                         corpus: list[str], vocab_size: int = 320, image_token: bool = True):
+    """A tiny BPE tokenizer in a family's style, with `<image>` added as llava-hf's tokenizers have it
+    (`image_token=False`: none, as a fresh LLM's tokenizer).
 
     `byte_level`: Qwen2 / Llama-3's byte-level BPE (no unknown token); else sentencepiece-like (LLaMA,
     Mistral, Phi-3, Gemma: "▁" for spaces, a prefix space at the start, `<unk>`). `adds_bos`: the
@@ -293,8 +294,8 @@ def build_chat_tokenizer(specials: list[str], bos: str | None, eos: str, byte_le
             pre_tokenizers.Split("\n", "isolated"), pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")])
         tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
         alphabet = []
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[*specials, "<image>"], initial_alphabet=alphabet,
-                                  show_progress=False)
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[*specials, *(["<image>"] if image_token else [])],
+                                  initial_alphabet=alphabet, show_progress=False)
     tok.train_from_iterator(corpus, trainer)
     if adds_bos:
         tok.post_processor = processors.TemplateProcessing(
@@ -416,3 +417,89 @@ def add_tuned_tower(original: Path, tower) -> Path:
     index["weight_map"].update({k: "tuned-vision-tower.safetensors" for k in state})
     index_path.write_text(json.dumps(index, indent=2))
     return original
+
+
+# -- a new LLaVA from parts: a fresh Qwen2-like LLM and open_clip towers registered at test time ----
+
+QWEN2_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+
+
+def build_qwen2_llm(out: Path, chat_template: str, seed: int = 0, head_std: float = 0.2) -> Path:
+    """A random tiny Qwen2 folder as a fresh hub LLM is: byte-level BPE with ChatML's special tokens,
+    EOS `<|im_end|>`, pad `<|endoftext|>`, no BOS and no `<image>` token, `chat_template` in its tokenizer.
+    lm_head starts wide (`head_std`) so LoRA can drive the loss down (see `build_trainable_checkpoint`)."""
+    from transformers import Qwen2ForCausalLM
+
+    lines = corpus() + ["system user assistant You are a helpful assistant. What colour is it? " + " ".join(COLOURS)]
+    tokenizer = build_chat_tokenizer(list(QWEN2_SPECIALS), None, "<|im_end|>", byte_level=True, adds_bos=False,
+                                     corpus=lines, vocab_size=400, image_token=False)
+    tokenizer.pad_token = "<|endoftext|>"
+    tokenizer.chat_template = chat_template
+    tokenizer.save_pretrained(out)
+    config = qwen2_config(len(tokenizer))
+    config.bos_token_id = None
+    config.eos_token_id, config.pad_token_id = tokenizer.eos_token_id, tokenizer.pad_token_id
+    torch.manual_seed(seed)
+    llm = Qwen2ForCausalLM(config)
+    with torch.no_grad():
+        llm.lm_head.weight.normal_(0, head_std)
+    llm.save_pretrained(out)
+    return out
+
+
+TINY_TIMM_VIT = "mmchat_tiny_siglip_vit"
+"""A timm ViT shaped like SigLIP's trunk (no class token, `map` pooling), 32 px, patch 8 -> 16 patches."""
+# open_clip configs shaped like the real ones: ViT-B-16-SigLIP (CustomTextCLIP around a timm trunk) and
+# RN50 (ModifiedResNet), with tiny widths.
+TINY_TEXT_CFG = {"context_length": 16, "vocab_size": 64, "width": 16, "heads": 2, "layers": 1}
+TINY_SIGLIP_CFG = {
+    "embed_dim": 32, "init_logit_bias": -10, "custom_text": True,
+    "vision_cfg": {"image_size": 32, "timm_model_name": TINY_TIMM_VIT, "timm_model_pretrained": False,
+                   "timm_pool": "map", "timm_proj": "none"},
+    "text_cfg": {**TINY_TEXT_CFG, "no_causal_mask": True, "proj_bias": True, "pool_type": "last", "norm_kwargs": {"eps": 1e-6}},
+}
+TINY_RN_CFG = {"embed_dim": 16, "vision_cfg": {"image_size": 32, "layers": [1, 1, 1, 1], "width": 8, "patch_size": None},
+               "text_cfg": TINY_TEXT_CFG}
+# What open_clip's pretrained tags say about preprocessing (open_clip.pretrained._slpcfg / _pcfg).
+SIGLIP_PREPROCESS = {"mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5), "interpolation": "bicubic", "resize_mode": "squash"}
+CLIP_PREPROCESS = {"mean": (0.48145466, 0.4578275, 0.40821073), "std": (0.26862954, 0.26130258, 0.27577711),
+                   "interpolation": "bicubic", "resize_mode": "shortest"}
+
+
+def register_tiny_timm_vit() -> None:
+    """Register `TINY_TIMM_VIT` with timm (once per process: timm's registry has no removal)."""
+    import timm
+    from timm.models import register_model
+    from timm.models.vision_transformer import VisionTransformer
+
+    if TINY_TIMM_VIT in timm.list_models(TINY_TIMM_VIT):
+        return
+
+    def mmchat_tiny_siglip_vit(pretrained: bool = False, **kwargs):
+        for key in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):  # timm passes them to every model
+            kwargs.pop(key, None)
+        return VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=3, num_heads=4, mlp_ratio=2.0,
+                                 class_token=False, **kwargs)
+
+    register_model(mmchat_tiny_siglip_vit)
+
+
+def register_open_clip_tower(monkeypatch, name: str, model_cfg: dict, folder: Path, preprocess: dict,
+                             tag: str = "tiny", seed: int = 0) -> Path:
+    """Make `open_clip.create_model(name, pretrained=tag)` work offline, as for a real named tower:
+    the config under `name`, random weights saved to `folder`, the tag naming that file and the
+    preprocessing a real tag carries. Undone by `monkeypatch`. Returns the weights file."""
+    import copy
+
+    import open_clip
+    from safetensors.torch import save_file
+
+    register_tiny_timm_vit()
+    monkeypatch.setitem(open_clip.factory._MODEL_CONFIGS, name, copy.deepcopy(model_cfg))
+    torch.manual_seed(seed)
+    model = open_clip.create_model(name)
+    folder.mkdir(parents=True, exist_ok=True)
+    weights = folder / f"{name}.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
+    monkeypatch.setitem(open_clip.pretrained._PRETRAINED, name, {tag: {"file": str(weights), **preprocess}})
+    return weights

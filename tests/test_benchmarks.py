@@ -200,3 +200,36 @@ def test_chat_report_checks_agreement_and_keeps_its_headline(tmp_path, capsys):
         lines = capsys.readouterr().out.strip().splitlines()
         assert lines[-1].startswith("FAIL: " if code else "headline: turn-2 time to first token, reference ÷ mmchat: ")
     assert (tmp_path / "chat.json").is_file() and (tmp_path / "chat.png").is_file()
+
+
+def test_small_model_benchmark_quick(tmp_path, capsys):
+    """`python -m benchmarks.small_model --quick`: the real shape's config says 729 image tokens and ~0.86B
+    parameters (counted on the meta device, nothing built); the quick run fills every field sanely."""
+    import json
+
+    import torch
+    from transformers import LlavaForConditionalGeneration
+
+    from benchmarks.random_llava import InterleaveShape, interleave_config
+    from benchmarks.small_model import SmallModelConfig, report, run
+
+    real = interleave_config(InterleaveShape())
+    assert real.image_seq_length == 729 and real.image_token_index == 151646 and real.text_config.vocab_size == 152000
+    with torch.device("meta"):
+        params = sum(p.numel() for p in LlavaForConditionalGeneration(real).parameters())
+    assert 0.85e9 < params < 0.88e9, params  # Qwen1.5-0.5B (tied) + SigLIP so400m + projector
+
+    assert report(run(SmallModelConfig(quick=True, out=tmp_path)), tmp_path) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1].startswith("headline: ")
+    data = json.loads((tmp_path / "small_model.json").read_text())
+    assert (tmp_path / "small_model.png").is_file() and data["image_tokens"] == 729
+    assert set(data["runs"]) == {"mmchat/app", "transformers/32bit"} and data["runs"]["mmchat/app"]["load_in"] == "32bit"
+    for key, r in data["runs"].items():
+        assert r["image_tokens"] == 729 and r["load_s"] > 0 and len(r["turns"]) == 3, key
+        assert 0 < r["rss_before_load_mb"] < r["rss_after_load_mb"] <= r["peak_chat_mb"] < 8192, key
+        assert all(t["ttft_s"] > 0 and t["decode_tps"] > 0 and t["new_tokens"] >= 1 for t in r["turns"]), key
+        assert r["turns"][0]["prefilled_tokens"] > 729, key
+    mm, ref = data["runs"]["mmchat/app"]["turns"], data["runs"]["transformers/32bit"]["turns"]
+    assert all(t["prefilled_tokens"] < 64 for t in mm[1:])  # follow-ups prefill only the new turn
+    assert [t["prefilled_tokens"] for t in ref] == sorted(t["prefilled_tokens"] for t in ref)  # the whole conversation
+    assert set(data["summary"]) == set(data["runs"]) and data["convert"]["convert_s"] > 0

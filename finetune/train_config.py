@@ -159,6 +159,9 @@ class TrainConfig:
         if self.model and self.llm:
             raise ConfigError("Can't provide both --model and --llm. Choose one: --model starts from an mmchat "
                               "checkpoint, --llm from parts (with --vision and optionally --projector).")
+        if self.model and (self.vision_select_layer != ["-2"] or self.vision_select_feature != "patch"):
+            raise ConfigError("Can't provide both --model and --vision-select-layer / --vision-select-feature: a "
+                              "checkpoint keeps its own tower settings. Choose one (the flags apply with --llm).")
         if not self.model and not self.llm:
             raise ConfigError("Nothing to train: give --model (an mmchat checkpoint) or --llm (a Hugging Face "
                               "model id or folder, with --vision and optionally --projector).")

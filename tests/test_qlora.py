@@ -305,6 +305,8 @@ def test_yaml_then_flags_and_errors_naming_close_matches(tmp_path):
         parse_args(["--llm", "x", "--data", "d", "--output-dir", "o", "--gradient-acum", "2"])
     with pytest.raises(ConfigError, match="Can't provide both --model and --llm"):
         parse_args(["--llm", "x", "--model", "y", "--data", "d", "--output-dir", "o"])
+    with pytest.raises(ConfigError, match="Can't provide both --model and --vision-select-layer"):
+        parse_args(["--model", "y", "--data", "d", "--output-dir", "o", "--vision-select-layer", "-1"])
     with pytest.raises(ConfigError, match="--stage full .* --load-in 4bit"):
         parse_args(["--llm", "x", "--data", "d", "--output-dir", "o", "--stage", "full", "--load-in", "4bit"])
 

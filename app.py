@@ -18,7 +18,7 @@ from types import SimpleNamespace
 import gradio as gr
 
 from mmchat.serving.examples import EXAMPLES, example_path
-from mmchat.generate import GenerationConfig
+from mmchat.generate import GenerationConfig, decoding_defaults
 from mmchat.serving.config import parse_args
 from mmchat.serving.loaded_model import ServedModel, load_served_model
 from mmchat.serving.sessions import Busy, Conversation, SessionPool, Turn
@@ -230,11 +230,13 @@ def layout(served: ServedModel, pool: SessionPool | None) -> SimpleNamespace:
             ui.stats = gr.Markdown("", elem_id="stats")
         with gr.Column(scale=1, min_width=240):
             with gr.Accordion("Generation settings", open=True):
-                ui.temperature = gr.Slider(0.0, 1.5, value=0.2, step=0.05, label="Temperature", elem_id="temperature",
-                                           info="0 always picks the likeliest word")
-                ui.top_p = gr.Slider(0.05, 1.0, value=0.7, step=0.05, label="Top-p", elem_id="top-p")
+                # The model's own decoding defaults (a converted llava-hf folder's generation config), else LLaVA's
+                start = decoding_defaults(model.config) if ready else GenerationConfig()
+                ui.temperature = gr.Slider(0.0, 1.5, value=start.temperature, step=0.05, label="Temperature",
+                                           elem_id="temperature", info="0 always picks the likeliest word")
+                ui.top_p = gr.Slider(0.05, 1.0, value=start.top_p, step=0.05, label="Top-p", elem_id="top-p")
                 context = model.max_context if ready else 2048
-                ui.max_tokens = gr.Slider(1, min(2048, context), value=min(512, context // 2), step=1,
+                ui.max_tokens = gr.Slider(1, min(2048, context), value=min(start.max_new_tokens, context // 2), step=1,
                                           label="Max new tokens", elem_id="max-new-tokens")
                 # `chat` (the tokenizer's own template) only where the tokenizer has one; the model's is the default
                 choices = [*sorted(TEMPLATES), *([CHAT] if ready and model.tokenizer.chat_template else [])]

@@ -11,7 +11,7 @@ import sys
 from dataclasses import dataclass, field
 
 from mmchat.config import LOAD_IN
-from mmchat.generate import GenerationConfig
+from mmchat.generate import GenerationConfig, decoding_defaults
 from mmchat.templates import TEMPLATE_NAMES
 
 HELP = "commands: /image PATH (attach to the next question), /undo, /regen, /clear, /quit"
@@ -28,7 +28,9 @@ class CliArgs:
     device: str | None = None
     template: str | None = None
     json: bool = False
-    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    generation: dict = field(default_factory=dict)
+    """--max-new-tokens, --temperature, --top-p, --repetition-penalty, --seed as given (None: not
+    given); the rest come from the checkpoint's decoding defaults (`generate.decoding_defaults`)."""
 
 
 def parse_args(argv: list[str] | None = None) -> CliArgs:
@@ -36,9 +38,11 @@ def parse_args(argv: list[str] | None = None) -> CliArgs:
     p.add_argument("--model", required=True, help="mmchat checkpoint folder, LLaVA folder or hub id")
     p.add_argument("--image", help="image file for the first question")
     p.add_argument("--prompt", action="append", default=[], help="a user turn (repeat for several turns); omit for interactive")
-    p.add_argument("--max-new-tokens", type=int, default=512)
-    p.add_argument("--temperature", type=float, default=0.2, help="0 decodes greedily (default: %(default)s)")
-    p.add_argument("--top-p", type=float, default=0.7)
+    p.add_argument("--max-new-tokens", type=int, help="answer length limit (default: the checkpoint's, else 512)")
+    p.add_argument("--temperature", type=float,
+                   help="0 decodes greedily (default: the checkpoint's — a converted llava-hf folder decodes as its "
+                        "generation config says, greedy unless it samples — else LLaVA's 0.2)")
+    p.add_argument("--top-p", type=float, help="nucleus sampling (default: the checkpoint's, else 0.7)")
     p.add_argument("--repetition-penalty", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=None, help="sampling seed, for reproducible answers")
     p.add_argument("--load-in", choices=LOAD_IN, help="LLM weight precision (default: 4bit on a GPU, 32bit on a CPU)")
@@ -47,8 +51,10 @@ def parse_args(argv: list[str] | None = None) -> CliArgs:
     p.add_argument("--device", help="cuda, cuda:N or cpu (default: cuda when available)")
     p.add_argument("--json", action="store_true", help='print only {"answers": [...]} on stdout')
     a = p.parse_args(argv)
-    try:
-        gen = GenerationConfig(a.max_new_tokens, a.temperature, a.top_p, a.repetition_penalty, a.seed)
+    gen = {"max_new_tokens": a.max_new_tokens, "temperature": a.temperature, "top_p": a.top_p,
+           "repetition_penalty": a.repetition_penalty, "seed": a.seed}
+    try:  # bad values fail here, before a model loads
+        GenerationConfig(**{k: v for k, v in gen.items() if v is not None})
     except ValueError as e:
         p.error(str(e))
     return CliArgs(a.model, a.image, a.prompt, a.load_in, a.device, a.template, a.json, gen)
@@ -63,18 +69,19 @@ def run(args: CliArgs) -> int:
     image = load_image(args.image) if args.image else None  # fail on a bad image before loading the model
     model = load_model(resolve_checkpoint(args.model), LoadOptions(args.load_in, args.device))
     session = ChatSession(model, template=args.template)
+    gen = decoding_defaults(model.config, **args.generation)
     if args.prompt:
         answers = []
         for i, prompt in enumerate(args.prompt):
             if not args.json:
                 print(f"USER: {prompt}\nASSISTANT: ", end="", flush=True)
-            answer = "".join(_stream(session.ask(prompt, image if i == 0 else None, args.generation), echo=not args.json))
-            answers.append(answer)
+            answer = "".join(_stream(session.ask(prompt, image if i == 0 else None, gen), echo=not args.json))
+            answers.append(answer.strip())  # as the session keeps it in the history
             _notices(session)
         if args.json:
             print(json.dumps({"answers": answers}, ensure_ascii=False))
         return 0
-    return _interactive(session, image, args.generation)
+    return _interactive(session, image, gen)
 
 
 def _stream(deltas, echo: bool):

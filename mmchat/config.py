@@ -134,6 +134,12 @@ class ModelConfig:
     stop_token_ids: list[int] | None = None
     """Generation ends at any of these ids (a llava-hf folder's `generation_config.json`
     `eos_token_id` plus the tokenizer's EOS); None = the tokenizer's EOS only."""
+    temperature: float | None = None
+    """The checkpoint's own decoding default: a converted llava-hf folder's generation config (0,
+    greedy, unless it sets `do_sample`, as transformers' `generate` decides). None = LLaVA's web
+    demo defaults (temperature 0.2, top-p 0.7); flags and the app's sliders override it."""
+    top_p: float | None = None
+    max_new_tokens: int | None = None
 
     def __post_init__(self) -> None:
         if self.stop_token_ids is not None:

@@ -1,7 +1,7 @@
 """Sampling settings, next-token choice (temperature, top-p, repetition penalty) and stop ids."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -29,6 +29,14 @@ class GenerationConfig:
     @property
     def greedy(self) -> bool:
         return self.temperature < 1e-5
+
+
+def decoding_defaults(config, **overrides) -> GenerationConfig:
+    """A model's decoding defaults (`ModelConfig.temperature/top_p/max_new_tokens`, set from a
+    converted folder's generation config), else LLaVA's; `overrides` that are not None win."""
+    own = {"temperature": config.temperature, "top_p": config.top_p, "max_new_tokens": config.max_new_tokens}
+    chosen = {k: v for k, v in own.items() if v is not None} | {k: v for k, v in overrides.items() if v is not None}
+    return replace(GenerationConfig(), **chosen)
 
 
 def stop_ids(stop_token_ids: list[int] | None, eos_token_id: int | None,

@@ -377,3 +377,28 @@ def test_unsupported_architectures_are_named_in_one_line(tmp_path, capsys, kind)
     assert name in line and "LlavaForConditionalGeneration" in line and "LlavaLlamaForCausalLM" in line
     assert ("not yet supported" in line) == kind.startswith("llava_")
     assert not (tmp_path / "dst").exists()
+
+
+@pytest.mark.parametrize("name", ["llava-1.5", "qwen2-chatml"])
+def test_cli_answers_a_llava_hf_folder_as_transformers_by_default(name, tmp_path, monkeypatch, capsys):
+    """`python -m mmchat.cli --model FOLDER` with no other flag: converted once into the cache, float32
+    on a CPU, the folder's template, and its generation config's decoding (greedy: it does not sample)."""
+    from transformers import LlavaForConditionalGeneration
+
+    from mmchat.cli import main as cli
+
+    folder, _ = build_folder(tmp_path, name)
+    llava = LlavaForConditionalGeneration.from_pretrained(folder, dtype=torch.float32).eval()
+    processor = reference_processor(folder)
+    inputs = processor_inputs(processor, chat([], QUESTIONS[0], FAMILIES[name].answer_parts))
+    tokens, _ = transformers_turn(llava, inputs, llava.generation_config.eos_token_id)
+    expected = processor.tokenizer.decode(tokens, skip_special_tokens=True).strip()
+
+    image = tmp_path / "photo.png"
+    photo().save(image)
+    monkeypatch.setenv("MMCHAT_CACHE", str(tmp_path / "cache"))
+    assert cli(["--model", str(folder), "--image", str(image), "--prompt", QUESTIONS[0], "--device", "cpu",
+                "--json"]) == 0
+    config = read_config(next((tmp_path / "cache" / "converted").iterdir()))
+    assert (config.template, config.temperature, config.top_p) == ("chat", 0.0, None)
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == {"answers": [expected]}

@@ -19,7 +19,7 @@ from torch import nn
 from mmchat.checkpoint import is_checkpoint, save_checkpoint
 from mmchat.convert.clip_weights import open_clip_from_hf
 from mmchat.convert.common import SELECT_STRATEGIES, ConvertError, check_destination, log
-from mmchat.convert.hf_folder import choose_template, image_settings, stop_token_ids, with_pad
+from mmchat.convert.hf_folder import choose_template, decoding, image_settings, stop_token_ids, with_pad
 from mmchat.convert.towers import TUNED_TOWER_PREFIX, tower_from_hf, with_tuned_tower
 from mmchat.config import (
     CLIP_MEAN,
@@ -153,7 +153,7 @@ def from_llava_hf(folder: Path, dst: Path, pad: bool | None = None, template: st
     projector.load_state_dict({f"{i}.{p}": v.float() for i, layer in ((0, hf_proj.linear_1), (2, hf_proj.linear_2)) for p, v in layer.named_parameters()})
     llm = causal_lm(hf_config.text_config, llava.model.language_model, llava.lm_head)
     config = ModelConfig(vision=vision, projector=projector_cfg, template=prompt.name, image_token_id=hf_config.image_token_index,
-                         stop_token_ids=stop_token_ids(folder, tokenizer, prompt.end_of_turn))
+                         stop_token_ids=stop_token_ids(folder, tokenizer, prompt.end_of_turn), **decoding(folder))
     log(f"writing {dst}")
     return save_checkpoint(dst, config, projector, tokenizer, llm=llm, vision=visual, vision_model_cfg=clip_cfg)
 

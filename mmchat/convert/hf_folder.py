@@ -82,6 +82,25 @@ def with_pad(settings: dict, pad: bool | None) -> dict:
     return {**settings, "pad_to_square": pad}
 
 
+def decoding(folder: Path) -> dict:
+    """The folder's decoding defaults as `ModelConfig` takes them: what transformers' `generate`
+    does with its generation config (greedy unless `do_sample`; a folder without one is greedy).
+    `max_new_tokens` only when the file sets it (transformers' default `max_length` 20 is a guard,
+    not a choice)."""
+    from transformers import GenerationConfig
+
+    path = folder / "generation_config.json"
+    gen = GenerationConfig.from_pretrained(folder) if path.is_file() else GenerationConfig()
+    raw = json.loads(path.read_text()) if path.is_file() else {}
+    out = {"temperature": float(gen.temperature or 1.0) if gen.do_sample else 0.0,
+           "top_p": float(gen.top_p or 1.0) if gen.do_sample else None,
+           "max_new_tokens": raw.get("max_new_tokens")}
+    log("decoding as its generation config says: " + (f"sampling at temperature {out['temperature']}, top-p "
+        f"{out['top_p']}" if gen.do_sample else "greedy") + (f", at most {out['max_new_tokens']} new tokens"
+                                                             if out["max_new_tokens"] else ""))
+    return out
+
+
 def stop_token_ids(folder: Path, tokenizer, end_of_turn: str | None = None) -> list[int] | None:
     """The folder's `generation_config.json` `eos_token_id` (int or list) plus the tokenizer's EOS;
     None when that is the tokenizer's EOS alone (mmchat's default). The chat template's `end_of_turn`

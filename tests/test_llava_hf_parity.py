@@ -139,6 +139,7 @@ def test_mmchat_to_llava_hf_to_mmchat_keeps_preprocessing_and_stop_ids(tiny_chec
     config["vision"].update({"pad_to_square": resize == "exact", "resize": resize, "resample": 2, "mean": [0.5] * 3,
                              "std": [0.25] * 3, "shortest_edge": 40 if resize == "shortest_edge" else None})
     config["stop_token_ids"] = [2, 7]
+    config.update(temperature=0.5, top_p=0.9, max_new_tokens=64)
     (ckpt / "mmchat.json").write_text(json.dumps(config))
     before = read_config(ckpt)
 
@@ -150,6 +151,7 @@ def test_mmchat_to_llava_hf_to_mmchat_keeps_preprocessing_and_stop_ids(tiny_chec
     after = read_config(converted(hf, tmp_path / "back"))
     assert {f: getattr(after.vision, f) for f in PREPROCESSING} == {f: getattr(before.vision, f) for f in PREPROCESSING}
     assert after.stop_token_ids == [2, 7]
+    assert (after.temperature, after.top_p, after.max_new_tokens) == (0.5, 0.9, 64)  # generate samples so too
 
 
 @torch.no_grad()

@@ -9,14 +9,20 @@ import json
 from pathlib import Path
 
 import torch
+from open_clip.timm_model import TimmModel
 from torch import nn
 
 from mmchat.checkpoint import atomic_dir, is_checkpoint, read_config, read_projector_state, resolve_path
-from mmchat.convert.clip_weights import hf_from_open_clip
-from mmchat.config import ModelConfig
+from mmchat.config import ModelConfig, VisionConfig
+from mmchat.convert.clip_weights import UnsupportedTower, hf_from_open_clip
 from mmchat.convert.common import MERGE_HINT, SELECT_STRATEGIES, ConvertError, check_destination, log
+from mmchat.convert.timm_weights import siglip_from_timm
 from mmchat.templates import CHAT, IMAGE_TOKEN, get_template, resolve_template
-from mmchat.vision import TRANSFORMERS_TOWERS, is_transformers_tower, load_vision_tower, num_image_tokens
+from mmchat.vision import TRANSFORMERS_TOWERS, is_transformers_tower, load_vision_tower, num_image_tokens, tower_tokens
+
+EXPORTABLE_TOWERS = ("open_clip's ViT (OpenAI CLIP, DFN, MetaCLIP) as CLIPVisionModel, timm ViT trunks without class or "
+                     "register tokens, qk-norm, layer scale or rope (SigLIP, SigLIP2) as SiglipVisionModel, and "
+                     "transformers towers as they are")
 
 
 def to_llava_hf(src: Path, dst: Path, overwrite: bool = False) -> Path:
@@ -31,12 +37,19 @@ def to_llava_hf(src: Path, dst: Path, overwrite: bool = False) -> Path:
         visual = load_vision_tower(config.vision, src)
     except RuntimeError as e:  # a named open_clip tower that cannot be downloaded
         raise ConvertError(str(e)) from None
+    tower = llava_tower(visual, config.vision)  # refuses a tower llava-hf cannot run before the LLM loads
     log("loading the language model")
     llm = AutoModelForCausalLM.from_pretrained(resolve_path(src, config.llm), dtype="auto")
     tokenizer = load_tokenizer(resolve_path(src, config.tokenizer))
-    llava = assemble_llava(config, visual, read_projector_state(src), llm, add_image_token(tokenizer, llm))
+    llava = assemble_llava(config, visual, tower, read_projector_state(src), llm, add_image_token(tokenizer, llm))
     if config.stop_token_ids:
         llava.generation_config.eos_token_id = list(config.stop_token_ids)
+    if config.temperature:  # the checkpoint samples by default: so does `generate` on the export
+        llava.generation_config.do_sample = True
+        llava.generation_config.temperature = config.temperature
+        llava.generation_config.top_p = config.top_p or 1.0
+    if config.max_new_tokens:
+        llava.generation_config.max_new_tokens = config.max_new_tokens
     processor = llava_processor(config, llava.config, tokenizer)
     log(f"writing {dst}")
     with atomic_dir(dst) as tmp:  # complete before it takes DST's name
@@ -59,15 +72,39 @@ def exportable_config(src: Path) -> ModelConfig:
     return config
 
 
-def assemble_llava(config: ModelConfig, visual: nn.Module, projector_state: dict, llm: nn.Module, image_token_id: int) -> nn.Module:
-    """A `LlavaForConditionalGeneration` around the LLM's own modules, the tower as transformers' model
-    (open_clip's mapped back to CLIP) and the projector's `0/2` as `linear_1/2`, all in the LLM's dtype."""
+def llava_tower(visual: nn.Module, vision: VisionConfig) -> nn.Module:
+    """mmchat's tower as transformers' model llava-hf runs, float32: a transformers tower as it is, open_clip's
+    ViT as `CLIPVisionModel`, a timm ViT trunk (open_clip's `TimmModel`: SigLIP, SigLIP2) as `SiglipVisionModel`."""
+    if is_transformers_tower(visual):
+        return visual.float().eval()
+    try:
+        if isinstance(visual, TimmModel):
+            return siglip_from_timm(visual)
+        return hf_from_open_clip(visual)
+    except UnsupportedTower as e:
+        raise ConvertError(f"vision tower {vision.open_clip_model}: cannot export to llava-hf: {e}; "
+                           f"--to llava-hf exports {EXPORTABLE_TOWERS}") from None
+
+
+def select_strategy(visual: nn.Module, select_feature: str) -> str:
+    """llava-hf's `vision_feature_select_strategy` for mmchat's `select_feature` on this tower. `default` drops
+    the first token, `full` keeps all: mmchat's `patch` is every token on an open_clip tower without a class
+    token (a SigLIP trunk: `full`), the tokens after the class token on one with it (`default`), and on a
+    transformers tower mmchat already counts as llava-hf does."""
+    if select_feature == "patch" and not is_transformers_tower(visual) and tower_tokens(visual)[0] == 0:
+        return "full"
+    return SELECT_STRATEGIES[select_feature]
+
+
+def assemble_llava(config: ModelConfig, visual: nn.Module, tower: nn.Module, projector_state: dict, llm: nn.Module,
+                   image_token_id: int) -> nn.Module:
+    """A `LlavaForConditionalGeneration` around the LLM's own modules, `tower` (mmchat's `visual` as
+    transformers' model, `llava_tower`) and the projector's `0/2` as `linear_1/2`, all in the LLM's dtype."""
     from transformers import LlavaConfig, LlavaForConditionalGeneration
     from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
 
     dtype = llm.get_input_embeddings().weight.dtype
-    # A transformers tower is already llava-hf's; an open_clip one maps back to CLIPVisionModel.
-    tower = visual.to(dtype).eval() if is_transformers_tower(visual) else hf_from_open_clip(visual, dtype)
+    tower = tower.to(dtype).eval()
     hf_config = LlavaConfig(
         vision_config=tower.config,
         text_config=llm.config,
@@ -76,7 +113,7 @@ def assemble_llava(config: ModelConfig, visual: nn.Module, projector_state: dict
         projector_hidden_act=config.projector.act,
         multimodal_projector_bias=config.projector.bias,
         vision_feature_layer=config.vision.select_layer,
-        vision_feature_select_strategy=SELECT_STRATEGIES[config.vision.select_feature],
+        vision_feature_select_strategy=select_strategy(visual, config.vision.select_feature),
     )
     with torch.device("meta"):  # every module is replaced below; nothing is allocated twice
         llava = LlavaForConditionalGeneration(hf_config)

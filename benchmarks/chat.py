@@ -22,7 +22,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from benchmarks.common import machine, peak_memory_mb, reset_peak_memory, run_worker, table, write_json
+from benchmarks.common import FirstTokenTimer, machine, peak_memory_mb, reset_peak_memory, run_worker, table, write_json
 from benchmarks.random_llava import LlavaShape
 
 ENGINES = ("reference", "mmchat")
@@ -53,21 +53,6 @@ class ChatBenchConfig:
 
 
 # ------------------------------------------------------------------ one engine, one process
-
-
-class _FirstTokenTimer:
-    """A `generate` streamer that notes when the first new token arrives (the first put is the prompt)."""
-
-    def __init__(self) -> None:
-        self.calls, self.first, self.end_time = 0, None, None
-
-    def put(self, value) -> None:
-        self.calls += 1
-        if self.calls == 2:
-            self.first = time.perf_counter()
-
-    def end(self) -> None:
-        self.end_time = time.perf_counter()
 
 
 def _turns(questions: list[str], image_path: str):
@@ -137,7 +122,7 @@ def run_reference(job: dict) -> list[dict]:
         r = render(messages, template, tokenizer, slots, add_generation_prompt=True, image_token_id=image_id)
         ids = torch.tensor([r.input_ids], device=options.device)
         pixels = torch.stack([preprocess(im, vision_cfg) for im in images]).to(options.device, options.compute_dtype)
-        timer = _FirstTokenTimer()
+        timer = FirstTokenTimer()
         start = time.perf_counter()
         with torch.inference_mode():
             gen = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixels,

@@ -5,6 +5,7 @@ import json
 import os
 import platform
 import re
+import time
 from pathlib import Path
 
 import torch
@@ -80,3 +81,18 @@ def run_worker(module: str, job: dict, path: Path, label: str, **extra_env: str)
     if done.returncode != 0:
         raise SystemExit(f"{label} failed:\n{done.stderr[-3000:]}")
     return json.loads(path.with_suffix(".out.json").read_text())
+
+
+class FirstTokenTimer:
+    """A `generate` streamer that notes when the first new token arrives (its first put is the prompt)."""
+
+    def __init__(self) -> None:
+        self.calls, self.first, self.end_time = 0, None, None
+
+    def put(self, value) -> None:
+        self.calls += 1
+        if self.calls == 2:
+            self.first = time.perf_counter()
+
+    def end(self) -> None:
+        self.end_time = time.perf_counter()

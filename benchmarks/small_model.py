@@ -31,7 +31,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from benchmarks.common import machine, peak_memory_mb, reset_peak_memory, rss_mb, run_worker, table, write_json
+from benchmarks.common import FirstTokenTimer, machine, peak_memory_mb, reset_peak_memory, rss_mb, run_worker, table, write_json
 from benchmarks.random_llava import InterleaveShape
 
 QUESTIONS = ["What is in the picture?", "What colour is the circle?", "Where is the square?"]
@@ -113,21 +113,6 @@ def run_mmchat(job: dict) -> dict:
     return {**result, "turns": turns, "peak_chat_mb": peak_memory_mb("cpu"), "rss_after_chat_mb": rss_mb()}
 
 
-class _FirstTokenTimer:
-    """A `generate` streamer that notes when the first new token arrives (its first put is the prompt)."""
-
-    def __init__(self) -> None:
-        self.calls, self.first, self.end_time = 0, None, None
-
-    def put(self, value) -> None:
-        self.calls += 1
-        if self.calls == 2:
-            self.first = time.perf_counter()
-
-    def end(self) -> None:
-        self.end_time = time.perf_counter()
-
-
 def run_transformers(job: dict) -> dict:
     """What a transformers user does: processor.apply_chat_template(tokenize=True) + generate, every turn
     the whole conversation (and the image) again; the answer comes back decoded, as the next turn's history."""
@@ -145,7 +130,7 @@ def run_transformers(job: dict) -> dict:
     image = Image.open(job["image"]).convert("RGB")
 
     def generate(conversation: list[dict], max_new: int):
-        timer = _FirstTokenTimer()
+        timer = FirstTokenTimer()
         start = time.perf_counter()
         inputs = processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True,
                                                return_dict=True, return_tensors="pt")

@@ -21,7 +21,7 @@ from mmchat.serving.examples import EXAMPLES, example_path
 from mmchat.generate import GenerationConfig, decoding_defaults
 from mmchat.serving.config import parse_args
 from mmchat.serving.loaded_model import ServedModel, load_served_model
-from mmchat.serving.sessions import Busy, Conversation, SessionPool, Turn
+from mmchat.serving.sessions import Busy, Conversation, History, Question, SessionPool, Turn
 from mmchat.templates import CHAT, TEMPLATES
 
 INTRO = ("# mmchat\nChat about images with a LLaVA-1.5-style model. Attach an image with the clip, "
@@ -44,6 +44,7 @@ def gpu_wrapper():
     """`spaces.GPU` where the `spaces` package exists (Hugging Face Spaces), else no wrapping.
 
     Imported before the model loads, as ZeroGPU asks; outside ZeroGPU `spaces.GPU` changes nothing.
+    On ZeroGPU each call runs in a forked worker: see `Handlers.stream` for what crosses over.
     """
     try:
         import spaces
@@ -111,14 +112,31 @@ class Handlers:
             except (ValueError, Busy) as e:  # ImageError and ContextError are ValueErrors
                 raise _error(str(e), "Can't do that") from None
 
-    def stream(self, key: str, message: dict | None, gen: GenerationConfig):
-        """Ask (`message`) or regenerate (None); yields (chatbot, stats) as the answer grows."""
+    def stream(self, key: str, history: History, question: Question | None, gen: GenerationConfig):
+        """Runs the model: answers `question` (None: the last one again) and yields `Update`s.
+
+        On ZeroGPU (`spaces.GPU`) each call runs in a worker forked for it: its arguments and
+        updates are pickled across, and what it changes in memory is lost. So the conversation
+        lives in the main process, which hands over its `history`; the worker rebuilds it and,
+        with no KV cache surviving between calls, re-prefills the whole conversation each turn.
+        Elsewhere this runs in the main process on the conversation itself, reusing its cache.
+        """
+        yield from self.pool.conversation_for(key, history).generate(question, gen)
+
+    def answer(self, key: str, message: dict | None, gen: GenerationConfig):
+        """Ask (`message`) or regenerate (None); yields (chatbot, stats) as the answer grows.
+
+        Runs in the main process: checks the question, then `Conversation.follow` relays what
+        `stream` yields and records the turn (question, image, answer) unless `stream` ran here.
+        """
         with self.conversation(key, generate=True) as conversation:
             if message is None:
-                deltas = conversation.regenerate(gen)
+                conversation.check_regenerate()
+                question = None
             else:
                 files = message.get("files") or []
-                deltas = conversation.ask(message.get("text") or "", files[0] if files else None, gen)
+                question = conversation.question(message.get("text") or "", files[0] if files else None)
+            deltas = conversation.follow(question, self.stream(key, conversation.history(), question, gen))
             thread, answer, shown_at = conversation.thread(), "", time.monotonic()
             yield to_chatbot(thread + [Turn("assistant", "")]), ""
             try:
@@ -144,12 +162,12 @@ class Handlers:
     def send(self, message: dict, temperature: float, top_p: float, max_new_tokens: float, request: gr.Request):
         with _errors_for(request):
             gen = self.settings(temperature, top_p, max_new_tokens)
-            for chat, stats in self.stream(request.session_hash, message or EMPTY_BOX, gen):
+            for chat, stats in self.answer(request.session_hash, message or EMPTY_BOX, gen):
                 yield chat, EMPTY_BOX, stats
 
     def regenerate(self, temperature: float, top_p: float, max_new_tokens: float, request: gr.Request):
         with _errors_for(request):
-            yield from self.stream(request.session_hash, None, self.settings(temperature, top_p, max_new_tokens))
+            yield from self.answer(request.session_hash, None, self.settings(temperature, top_p, max_new_tokens))
 
     def show(self, request: gr.Request):
         """The conversation as it is (after Stop: waits until the answer was closed and kept)."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import itertools
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Iterator
 
 import torch
@@ -38,6 +38,8 @@ class TurnStats:
     answer_ids: list[int] = field(default_factory=list)
     """The generated token ids (the stop token excluded), for exact comparisons."""
     dropped_turns: int = 0
+    finish_reason: str = ""
+    """`stop` (a stop token or stop string ended the answer) or `length` (the token budget did)."""
     time_to_first_token: float = 0.0
     decode_seconds: float = 0.0
     decode_model_seconds: float = 0.0
@@ -55,6 +57,8 @@ class _Image:
     """Unique within its session: cache keys name image slots by it."""
     image: Image.Image
     features: torch.Tensor | None = None  # [T, H], computed once
+    key: str | None = None
+    """The caller's identity for the image's content (`answer`: a hash), so a re-sent image keeps its uid."""
 
 
 @dataclass
@@ -71,6 +75,7 @@ class ChatSession:
 
     def __post_init__(self) -> None:
         self._template = resolve_template(self.template or self.model.config.template, self.model.tokenizer)
+        self._base_template = self._template  # `answer` may swap in another system prompt
         self._images: list[_Image] = []  # in conversation order
         self._cache = None
         self._cached_keys: list = []  # token id per cached position, ("img", uid) for image slots
@@ -112,6 +117,46 @@ class ChatSession:
             self.messages.pop()
         return self.respond(gen)
 
+    def answer(self, messages: list[Message], images: list[tuple[str, Image.Image]],
+               gen: GenerationConfig | None = None, stop: tuple[str, ...] = (),
+               system: str | None = None) -> Iterator[str]:
+        """Replace the conversation with `messages` (ending with a user message) and stream the answer.
+
+        For clients that send the whole conversation each time (an HTTP API). `images` are
+        (content key, image) in conversation order; an image whose key the session already holds
+        keeps its features and cache slots, so only what changed since the cached prefix is
+        prefilled. `stop` adds stop strings (cut from the answer); `system` replaces a fixed
+        template's system prompt. Nothing is dropped to fit: raises `ContextError` if the
+        conversation does not fit, `ValueError` for a malformed one, before anything changes.
+        """
+        template = self._template_with_system(system)
+        known = {im.key: im for im in self._images if im.key is not None}
+        new_images = [known.get(key) or _Image(next(self._uids), image, key=key) for key, image in images]
+        gen = gen or GenerationConfig()
+        saved = self._template
+        self._template = template
+        try:
+            rendered = self._render(messages)
+        except ValueError:
+            self._template = saved
+            raise
+        if len(rendered) >= self.model.max_context:
+            self._template = saved
+            raise ContextError(f"the conversation needs {len(rendered)} tokens but the model's context holds "
+                               f"{self.model.max_context}; shorten it")
+        self.messages = list(messages)
+        self._images = new_images
+        return self._generate(_View(rendered, new_images, 0), gen, stop)
+
+    def _template_with_system(self, system: str | None):
+        base = self._base_template
+        if system is None:
+            return base
+        if base.style not in ("two", "llama_2"):
+            raise ValueError(f"the model's template {base.name!r} takes no system message in mmchat; "
+                             "leave it out (the template's own system prompt is used)")
+        return replace(base, system=system)
+
     def undo(self) -> None:
         """Remove the last question and its answer (and the image that came with it)."""
         if self.messages and self.messages[-1].role == ASSISTANT:
@@ -120,6 +165,14 @@ class ChatSession:
             removed = self.messages.pop()
             if removed.images:
                 del self._images[-removed.images:]
+
+    def add(self, message: Message, images: list = ()) -> None:
+        """Add a message and its images (path, bytes or PIL) without generating: a turn answered
+        elsewhere, e.g. by a ZeroGPU worker, whose own session does not outlive its call."""
+        if message.images != len(images):
+            raise ValueError(f"the message has {message.images} image(s) but {len(images)} were given")
+        self._images += [_Image(next(self._uids), load_image(image)) for image in images]
+        self.messages.append(message)
 
     def clear(self) -> None:
         self.messages.clear()
@@ -224,9 +277,9 @@ class ChatSession:
         self._cached_keys.append(token)
         return logits
 
-    def _generate(self, view: "_View", gen: GenerationConfig) -> Iterator[str]:
+    def _generate(self, view: "_View", gen: GenerationConfig, extra_stops: tuple[str, ...] = ()) -> Iterator[str]:
         tokenizer = self.model.tokenizer
-        stops = self._template.stop_strings
+        stops = self._template.stop_strings + tuple(s for s in extra_stops if s)
         end_of_turn = self._template.end_of_turn
         stop_tokens = stop_ids(self.model.config.stop_token_ids, tokenizer.eos_token_id,
                                tokenizer.convert_tokens_to_ids(end_of_turn) if end_of_turn else None)
@@ -234,7 +287,7 @@ class ChatSession:
         if gen.seed is not None:
             generator = torch.Generator(device=self.model.device).manual_seed(gen.seed)
         budget = min(gen.max_new_tokens, self.model.max_context - len(view.rendered))
-        self.last_stats = TurnStats(prompt_tokens=len(view.rendered), dropped_turns=view.dropped)
+        self.last_stats = TurnStats(prompt_tokens=len(view.rendered), dropped_turns=view.dropped, finish_reason="length")
         started = time.perf_counter()
         penalise = gen.repetition_penalty != 1.0
         context = [t for t, im in zip(view.rendered.input_ids, view.rendered.image_mask) if not im] if penalise else []
@@ -248,12 +301,15 @@ class ChatSession:
                 if not generated:
                     self.last_stats.time_to_first_token = time.perf_counter() - started
                 if token in stop_tokens:
+                    self.last_stats.finish_reason = "stop"
                     break
                 generated.append(token)
+                self.last_stats.new_tokens = len(generated)  # live: a stopped ZeroGPU turn reports it
                 text = tokenizer.decode(generated, skip_special_tokens=True)
                 cut = min((text.find(s) for s in stops if s in text), default=-1)
                 if cut >= 0:
                     text = text[:cut]
+                    self.last_stats.finish_reason = "stop"
                     break
                 visible = _safe_prefix(text, stops)
                 if len(visible) > shown:

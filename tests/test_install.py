@@ -14,6 +14,7 @@ BIN = Path(sys.executable).parent
 COMMANDS = {  # console command -> the module whose main() it runs (the `python -m` entry point's)
     "mmchat-app": "app",
     "mmchat-chat": "mmchat.cli",
+    "mmchat-serve": "mmchat.serve",
     "mmchat-convert": "mmchat.convert.cli",
     "mmchat-data": "finetune.data.cli",
     "mmchat-finetune": "finetune.qlora",

@@ -71,7 +71,7 @@ def on_spaces(environ: Mapping[str, str]) -> bool:
     return environ.get("SYSTEM") == "spaces" or bool(environ.get("SPACE_ID"))
 
 
-def _env_bool(name: str, value: str) -> bool:
+def env_bool(name: str, value: str) -> bool:
     lowered = value.strip().lower()
     if lowered in ("1", "true", "yes", "on"):
         return True
@@ -91,7 +91,7 @@ def _defaults(environ: Mapping[str, str]) -> dict:
         if raw is None or raw == "":
             continue
         if f.name == "share":
-            values[f.name] = _env_bool(name, raw)
+            values[f.name] = env_bool(name, raw)
         elif f.name in ("port", "max_sessions", "max_conversations", "concurrency"):
             try:
                 values[f.name] = int(raw)

@@ -1,0 +1,272 @@
+"""The OpenAI-compatible API end to end: `python -m mmchat.serve` in a subprocess, driven by the
+official `openai` client (and curl, as the README shows it).
+
+The tiny random model answers gibberish, so the tests check properties: streamed text equals the
+whole answer, a follow-up turn reuses the cache and answers as a fresh session does, stop strings
+and max_tokens end answers as OpenAI's do, every bad input gets its 4xx in OpenAI's shape and the
+server keeps serving, and a client that hangs up mid-stream frees the model at once.
+"""
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+from matplotlib import cbook
+from PIL import Image
+
+from app_server import ROOT, free_port
+
+KEY = "test-key"
+LONG_CONTEXT = 16384
+"""The test model's context: long enough that a full-length answer takes many seconds on a CPU."""
+
+
+def readme_curl() -> str:
+    """The curl command in the README's API section, as a user copies it."""
+    readme = (ROOT / "README.md").read_text()
+    block = readme[readme.index("## OpenAI-compatible API"):].split("```bash\n", 1)[1].split("```", 1)[0]
+    return block[block.index("curl "):].strip()
+
+
+def photo_png() -> bytes:
+    with cbook.get_sample_data("grace_hopper.jpg") as f:
+        image = Image.open(f).convert("RGB")
+    out = io.BytesIO()
+    image.save(out, format="PNG")
+    return out.getvalue()
+
+
+def data_url(data: bytes, mime: str = "image/png") -> str:
+    return f"data:{mime};base64,{base64.b64encode(data).decode()}"
+
+
+def user(text: str, *urls: str) -> dict:
+    return {"role": "user", "content": [{"type": "text", "text": text}]
+            + [{"type": "image_url", "image_url": {"url": u}} for u in urls]}
+
+
+class ApiServer:
+    def __init__(self, model: Path, workdir: Path, *flags: str):
+        self.port = free_port()
+        self.log = workdir / f"serve-{self.port}.log"
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MMCHAT_")}
+        env.update(HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", MMCHAT_CACHE=str(workdir / "cache"),
+                   MMCHAT_API_KEY=KEY, NO_PROXY="127.0.0.1,localhost")
+        with open(self.log, "w") as log:
+            self.process = subprocess.Popen([sys.executable, "-m", "mmchat.serve", "--model", str(model),
+                                             "--port", str(self.port), *flags],
+                                            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(self.log.read_text())
+            try:
+                request = urllib.request.Request(self.url + "/v1/models", headers={"Authorization": f"Bearer {KEY}"})
+                with urllib.request.urlopen(request, timeout=5):
+                    return
+            except OSError:
+                time.sleep(0.3)
+        self.stop()
+        raise TimeoutError(self.log.read_text())
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+@pytest.fixture(scope="module")
+def long_checkpoint(tiny_checkpoint, tmp_path_factory):
+    """The tiny checkpoint with a 16k context (LLaMA's rotary positions need no new weights)."""
+    out = tmp_path_factory.mktemp("api") / "tiny"
+    shutil.copytree(tiny_checkpoint, out)
+    config = json.loads((out / "llm" / "config.json").read_text())
+    (out / "llm" / "config.json").write_text(json.dumps({**config, "max_position_embeddings": LONG_CONTEXT}))
+    return out
+
+
+@pytest.fixture(scope="module")
+def server(long_checkpoint, tmp_path_factory):
+    s = ApiServer(long_checkpoint, tmp_path_factory.mktemp("serve"), "--max-sessions", "2", "--max-images", "2",
+                  "--max-body-mb", "1")
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0, timeout=60)
+
+
+def ask(client, messages, **kw):
+    return client.chat.completions.create(model="tiny", messages=messages, **{"temperature": 0, "max_tokens": 24, **kw})
+
+
+def streamed(client, messages, **kw) -> tuple[str, list]:
+    chunks = list(ask(client, messages, stream=True, stream_options={"include_usage": True}, **kw))
+    return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices), chunks
+
+
+def test_models_lists_the_served_id(client):
+    assert [m.id for m in client.models.list().data] == ["tiny"]
+
+
+@pytest.mark.parametrize("with_image", [False, True])
+def test_streamed_answer_equals_the_whole_answer(client, with_image):
+    messages = [user("What is in the picture?", *([data_url(photo_png())] if with_image else []))]
+    whole = ask(client, messages)
+    text, chunks = streamed(client, messages)
+    assert text == whole.choices[0].message.content and text
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == whole.choices[0].finish_reason == "length"
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == whole.usage.completion_tokens == 24
+    assert whole.usage.total_tokens == whole.usage.prompt_tokens + 24
+    assert whole.usage.prompt_tokens > (16 if with_image else 0)
+
+
+def test_second_turn_reuses_the_cache_and_answers_as_a_fresh_session(client, long_checkpoint):
+    from mmchat.chat import ChatSession
+    from mmchat.conversation import ASSISTANT, USER, Message
+    from mmchat.generate import GenerationConfig
+    from mmchat.model import LoadOptions, load_model
+    from mmchat.serving.api_requests import image_key
+    from mmchat.serving.sessions import prepare_image
+
+    first = [user("Describe this photo.", data_url(photo_png()))]
+    one = ask(client, first).choices[0].message.content
+    second = first + [{"role": "assistant", "content": one}, user("And what colour is her hat?")]
+    two = ask(client, second)
+    assert 0 < two.usage.prompt_tokens_details.cached_tokens < two.usage.prompt_tokens
+
+    model = load_model(long_checkpoint, LoadOptions("32bit", "cpu"))
+    image = prepare_image(photo_png(), model.config.vision.image_size)
+    cold = ChatSession(model).answer(
+        [Message(USER, "Describe this photo.", 1), Message(ASSISTANT, one.strip()), Message(USER, "And what colour is her hat?")],
+        [(image_key(image), image)], GenerationConfig(max_new_tokens=24, temperature=0))
+    assert "".join(cold) == two.choices[0].message.content
+
+
+def test_stop_string_and_max_tokens_end_the_answer(client):
+    messages = [user("Count to ten.")]
+    full = ask(client, messages, max_tokens=40).choices[0].message.content
+    stop = full[len(full) // 2:len(full) // 2 + 3]
+    cut = ask(client, messages, max_tokens=40, stop=[stop, "never-said"])
+    assert cut.choices[0].message.content == full[:full.index(stop)]
+    assert cut.choices[0].finish_reason == "stop"
+    short = ask(client, messages, max_completion_tokens=3)
+    assert short.choices[0].finish_reason == "length" and short.usage.completion_tokens == 3
+    assert streamed(client, messages, max_tokens=40, stop=stop)[0] == cut.choices[0].message.content
+
+
+def test_a_system_message_replaces_the_templates_system_prompt(client):
+    plain = ask(client, [user("Hi")])
+    told = ask(client, [{"role": "system", "content": "You answer in one word."}, user("Hi")])
+    assert told.usage.prompt_tokens != plain.usage.prompt_tokens
+
+
+def small_png() -> bytes:
+    out = io.BytesIO()
+    Image.open(io.BytesIO(photo_png())).resize((48, 48)).save(out, format="PNG")
+    return out.getvalue()
+
+
+def corrupt_png() -> bytes:
+    return photo_png()[:400]
+
+
+BAD = {
+    "corrupt image": ({"messages": [user("What?", data_url(corrupt_png()))]}, 400, "invalid_image"),
+    "not an image": ({"messages": [user("What?", data_url(b"hello", "text/plain"))]}, 400, "invalid_image_url"),
+    "remote URL": ({"messages": [user("What?", "https://example.com/cat.jpg")]}, 400, "remote_images_disabled"),
+    "too many images": ({"messages": [user("What?", *[data_url(small_png())] * 3)]}, 400, "too_many_images"),
+    "longer than the context": ({"messages": [user("word " * LONG_CONTEXT)]}, 400, "context_length_exceeded"),
+    "body too large": ({"messages": [user("x" * 2**20)]}, 413, "request_too_large"),
+    "unknown model": ({"model": "gpt-4o"}, 404, "model_not_found"),
+    "n=2": ({"n": 2}, 400, "invalid_value"),
+    "temperature -1": ({"temperature": -1}, 400, "invalid_value"),
+    "no messages": ({"messages": []}, 400, "invalid_value"),
+    "tools": ({"tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "unsupported_parameter"),
+    "logprobs": ({"logprobs": True}, 400, "invalid_value"),
+    "json output": ({"response_format": {"type": "json_object"}}, 400, "invalid_value"),
+    "ends with the assistant": ({"messages": [user("Hi"), {"role": "assistant", "content": "Hello"}]}, 400, "invalid_value"),
+    "starts with the assistant": ({"messages": [{"role": "assistant", "content": "Hello"}, user("Hi")]}, 400, "invalid_value"),
+    "empty message": ({"messages": [{"role": "user", "content": " "}]}, 400, "invalid_value"),
+    "image from the assistant": ({"messages": [user("Hi"), {"role": "assistant", "content": [
+        {"type": "image_url", "image_url": {"url": data_url(photo_png())}}]}, user("Hi")]}, 400, "invalid_value"),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD))
+def test_bad_input_gets_its_4xx_and_the_server_keeps_serving(client, name):
+    fields, status, code = BAD[name]
+    with pytest.raises(openai.APIStatusError) as caught:
+        client.chat.completions.create(**{"model": "tiny", "messages": [user("Hi")], "max_tokens": 4, **fields})
+    error = caught.value
+    assert error.status_code == status, error.body
+    assert set(error.body) == {"message", "type", "param", "code"} and error.body["code"] == code
+    assert "\n" not in error.body["message"]
+    assert ask(client, [user("Still there?")], max_tokens=2).choices[0].message.content is not None
+
+
+def test_invalid_json_and_unknown_routes_get_openai_errors(server):
+    headers = {"Authorization": f"Bearer {KEY}"}
+    r = httpx.post(server.url + "/v1/chat/completions", content=b"{not json", headers=headers)
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"
+    r = httpx.get(server.url + "/v1/nothing", headers=headers)
+    assert r.status_code == 404 and r.json()["error"]["type"] == "invalid_request_error"
+
+
+@pytest.mark.parametrize("key", [None, "wrong"])
+def test_wrong_or_missing_api_key_gets_401(server, key):
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    r = httpx.get(server.url + "/v1/models", headers=headers)
+    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=server.url + "/v1", api_key=key or "x", max_retries=0).models.list()
+
+
+def test_a_client_that_hangs_up_mid_stream_frees_the_model(client):
+    long = dict(max_tokens=LONG_CONTEXT - 200, temperature=0)
+    started = time.monotonic()
+    stream = ask(client, [user("Tell me everything.")], stream=True, **long)
+    for _, _ in zip(range(5), stream):
+        pass
+    stream.close()
+    answer = ask(client, [user("Quick one.")], max_tokens=4)
+    assert answer.usage.completion_tokens == 4
+    waited = time.monotonic() - started
+    full_start = time.monotonic()
+    ask(client, [user("Tell me everything.")], **{**long, "max_tokens": 3000})
+    three_thousand = time.monotonic() - full_start
+    # The abandoned answer would have run ~16k tokens: over 5× the time of 3k tokens, had it gone on.
+    assert waited < three_thousand, (waited, three_thousand)
+
+
+def test_the_readme_curl_command_works(server, tmp_path):
+    assert shutil.which("curl"), "curl is not installed"
+    with cbook.get_sample_data("grace_hopper.jpg") as f:
+        (tmp_path / "cat.jpg").write_bytes(f.read())
+    command = readme_curl().replace("8000", str(server.port)).replace("llava-1.5-7b-hf", "tiny")
+    out = subprocess.run(["bash", "-c", command], cwd=tmp_path, env={**os.environ, "MMCHAT_API_KEY": KEY},
+                         capture_output=True, text=True, timeout=60, check=True)
+    reply = json.loads(out.stdout)
+    assert reply["object"] == "chat.completion" and reply["choices"][0]["message"]["role"] == "assistant"
+    assert reply["usage"]["prompt_tokens"] > 16

@@ -126,7 +126,7 @@ class ChatSession:
         (content key, image) in conversation order; an image whose key the session already holds
         keeps its features and cache slots, so only what changed since the cached prefix is
         prefilled. `stop` adds stop strings (cut from the answer); `system` replaces a fixed
-        template's system prompt. Nothing is dropped to fit: raises `ContextError` if the
+        template's system prompt, or goes to a `chat` template as a first system message. Nothing is dropped to fit: raises `ContextError` if the
         conversation does not fit, `ValueError` for a malformed one, before anything changes.
         """
         template = self._template_with_system(system)
@@ -152,9 +152,8 @@ class ChatSession:
         base = self._base_template
         if system is None:
             return base
-        if base.style not in ("two", "llama_2"):
-            raise ValueError(f"the model's template {base.name!r} takes no system message in mmchat; "
-                             "leave it out (the template's own system prompt is used)")
+        if base.style == "plain":
+            raise ValueError("the model's template 'plain' (image captions) takes no system message; leave it out")
         return replace(base, system=system)
 
     def undo(self) -> None:

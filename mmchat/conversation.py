@@ -5,7 +5,7 @@ re-tokenising pieces of the prompt (LLaVA's "tokenization mismatch" bug).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from mmchat.templates import (  # noqa: F401  (Message and the role names are used from here too)
     ANSWER,
@@ -106,6 +106,8 @@ def render(
     if escape:
         specials = list(tokenizer.all_special_tokens) + list(tokenizer.get_added_vocab())
         messages = [Message(m.role, escape_special_text(m.text, specials), m.images) for m in messages]
+        if template.system:  # a system prompt may be typed too (the API's system message)
+            template = replace(template, system=escape_special_text(template.system, specials))
     if template.style == CHAT:
         return _render_chat(messages, template, tokenizer, image_tokens, add_generation_prompt, image_token_id)
     slot_id = image_token_id if image_token_id is not None else _placeholder_id(tokenizer)

@@ -50,7 +50,9 @@ class Segment:
 @dataclass(frozen=True)
 class Template:
     name: str
-    system: str
+    system: str | None
+    """The system prompt. `chat`: None (the Jinja template's own default, if any) or a system message
+    put first, `{"role": "system", "content": ...}`, as transformers takes it."""
     style: str
     """`two` (USER:/ASSISTANT:, answers end in </s>), `llama_2` ([INST] ... [/INST]), `plain`, or
     `chat` (the tokenizer's Jinja template)."""
@@ -69,6 +71,10 @@ class Template:
     """`chat` only: the token that closes an answer (`<|im_end|>`, `<|eot_id|>`, ...), found on the
     probe; generation should stop there, as it may differ from the tokenizer's EOS. None when the
     template closes answers with no token (it marks them with `{% generation %}`)."""
+    system_as: str | None = None
+    """`chat` only: how the template takes a system message, found on the probe: `parts` (one text
+    part, tried first when user messages go in as parts), `text` (a string), or None (it refuses
+    or drops one, as Gemma's does)."""
 
 
 TEMPLATES = {
@@ -122,14 +128,27 @@ def resolve_template(name: str, tokenizer) -> Template:
     for user_text, parts in ((False, False), (False, True), (True, False)):
         if user_text and not isinstance(first_error, _RenderFailed):
             break
-        template = Template(CHAT, "", CHAT, chat_template=source, assistant_parts=parts, user_text=user_text)
+        template = Template(CHAT, None, CHAT, chat_template=source, assistant_parts=parts, user_text=user_text)
         try:
             text, [(_, end)] = chat_text(template, probe, tokenizer, add_generation_prompt=False)
         except (_NoAnswer, _RenderFailed) as e:
             first_error = first_error or e
             continue
-        return replace(template, end_of_turn=next((c for c in _control_tokens(tokenizer) if text[:end].endswith(c)), None))
+        end_of_turn = next((c for c in _control_tokens(tokenizer) if text[:end].endswith(c)), None)
+        return replace(template, end_of_turn=end_of_turn, system_as=_system_form(template, probe, tokenizer))
     raise ValueError(str(first_error))
+
+
+def _system_form(template: Template, probe: list, tokenizer) -> str | None:
+    """`parts` or `text`: the first form of system message the template writes; None if neither."""
+    for form in ("text",) if template.user_text else ("parts", "text"):
+        try:
+            text = _apply(replace(template, system="Be brief.", system_as=form), probe, tokenizer, False)
+        except _RenderFailed:
+            continue
+        if "Be brief." in text:
+            return form
+    return None
 
 
 def _images(count: int, after: str) -> list[Segment]:
@@ -217,8 +236,14 @@ def chat_text(template: Template, messages: list, tokenizer,
     is rendered. A template that marks answers with `{% generation %}` and closes them with no
     token (llava-hf/llava-1.5's `ASSISTANT: answer USER: ...`) gets the answer's text alone: the
     model ends it with EOS, which the template never writes.
+
+    A system prompt (`template.system`, not None) goes first as `{"role": "system", "content": ...}`:
+    one text part or a string, as the probe found the template reads it (`system_as`); it is never
+    labelled. A template that refuses system messages (Gemma's) is refused here in one line.
     """
     text = _apply(template, messages, tokenizer, add_generation_prompt)
+    if template.system and template.system.strip() not in text:
+        raise ValueError(f"{_who(tokenizer)} does not write the system message; leave it out")
     images = sum(m.images for m in messages)
     if text.count(IMAGE_TOKEN) != images:
         raise ValueError(f"{_who(tokenizer)} wrote {text.count(IMAGE_TOKEN)} {IMAGE_TOKEN} placeholder(s) for "
@@ -263,6 +288,11 @@ def _apply(template: Template, messages: list, tokenizer, add_generation_prompt:
     import jinja2
 
     chat = []
+    if template.system is not None:
+        if template.system_as is None:
+            raise ValueError(f"{_who(tokenizer)} takes no system message; leave it out")
+        parts = template.system_as == "parts"
+        chat.append({"role": "system", "content": [{"type": "text", "text": template.system}] if parts else template.system})
     for m in messages:
         if m.role == USER and template.user_text:
             content = f"{IMAGE_TOKEN}\n" * m.images + m.text

@@ -358,3 +358,109 @@ def test_chat_session_with_a_chat_template_equals_full_reprefill(chatml_model):
                     break
                 ids, mask, out = ids + [token], mask + [False], out + [token]
         assert model.tokenizer.decode(out, skip_special_tokens=True).strip() == answers[turn] == s.messages[2 * turn + 1].text
+
+
+# -- a system message ------------------------------------------------------------------------
+
+SYSTEM = "You answer in one word."
+SYSTEM_GOLDEN = {
+    "chatml": (
+        "<|im_start|>system\nYou answer in one word.<|im_end|>\n"
+        "<|im_start|>user\n<image>\nWhat colour is the circle?<|im_end|>\n<|im_start|>assistant\nRed.<|im_end|>\n"
+        "<|im_start|>user\nAnd the square?<|im_end|>\n<|im_start|>assistant\nIt is blue.<|im_end|>\n"
+    ),
+    "llama_3": (
+        "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nYou answer in one word.<|eot_id|>"
+        "<|start_header_id|>user<|end_header_id|>\n\n<image>\nWhat colour is the circle?<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\nRed.<|eot_id|>"
+        "<|start_header_id|>user<|end_header_id|>\n\nAnd the square?<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\nIt is blue.<|eot_id|>"
+    ),
+}
+
+
+def _transformers_chat(system: str, parts: bool = False) -> list[dict]:
+    """CONV as transformers' messages, a system message first; the system's and the answers'
+    content strings, or (`parts`) one text part each, as llava-hf's templates take them."""
+    def text(t):
+        return [{"type": "text", "text": t}] if parts else t
+    return [{"role": "system", "content": text(system)},
+            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": CONV[0].text}]},
+            {"role": "assistant", "content": text("Red.")},
+            {"role": "user", "content": [{"type": "text", "text": CONV[2].text}]},
+            {"role": "assistant", "content": text("It is blue.")}]
+
+
+@pytest.mark.parametrize("style", ["chatml", "llama_3", "phi_3"])
+def test_a_system_message_goes_first_as_transformers_puts_it(style):
+    from dataclasses import replace
+
+    tokenizer = make_tokenizer(style)
+    base = resolve_template("chat", tokenizer)
+    template = replace(base, system=SYSTEM)
+    text, spans = chat_text(template, CONV, tokenizer, add_generation_prompt=False)
+    assert text == tokenizer.apply_chat_template(_transformers_chat(SYSTEM), tokenize=False)
+    if style in SYSTEM_GOLDEN:
+        assert text == SYSTEM_GOLDEN[style]
+    else:  # Phi-3 adds a string to its system content: the probe found it takes no parts there
+        assert base.system_as == "text" and text.startswith(f"<|system|>\n{SYSTEM}<|end|>\n<|user|>\n<image>\n")
+    end = STYLES[style][6]
+    assert [text[a:b] for a, b in spans] == ["Red." + end, "It is blue." + end]
+    # The labels are the answers' alone, as without a system message; the ids are transformers'.
+    r = render(CONV, template, tokenizer, image_tokens=5)
+    assert answer_runs(tokenizer, r) == answer_runs(tokenizer, render(CONV, base, tokenizer, image_tokens=5))
+    assert answer_runs(tokenizer, r) == ["Red." + end, "It is blue." + end]
+    assert r.input_ids == expected_ids(tokenizer, text, 5)
+    pending = render(CONV[:1], template, tokenizer, image_tokens=5, add_generation_prompt=True)
+    assert answer_runs(tokenizer, pending) == [] and SYSTEM in tokenizer.decode(pending.input_ids)
+
+
+def test_llava_hf_template_gets_the_system_message_as_parts():
+    """llava-hf's templates read every message's content as parts; a string would vanish in them."""
+    from dataclasses import replace
+
+    tokenizer = make_tokenizer("chatml", chat_template=LLAVA_INTERLEAVE_QWEN)
+    template = resolve_template("chat", tokenizer)
+    assert template.system_as == "parts"
+    text, _ = chat_text(replace(template, system=SYSTEM), CONV, tokenizer, add_generation_prompt=False)
+    assert text == tokenizer.apply_chat_template(_transformers_chat(SYSTEM, parts=True), tokenize=False)
+    assert text.startswith(f"<|im_start|>system\n{SYSTEM}<|im_end|>\n<|im_start|>user\n<image>\n")
+
+
+def test_a_system_message_is_refused_in_one_line_where_it_cannot_go():
+    from dataclasses import replace
+
+    tokenizer = make_tokenizer("gemma")  # raise_exception('System role not supported')
+    template = resolve_template("chat", tokenizer)
+    assert template.system_as is None
+    with pytest.raises(ValueError, match="takes no system message") as e:
+        render(CONV, replace(template, system=SYSTEM), tokenizer, image_tokens=2)
+    assert "\n" not in str(e.value)
+
+
+def test_a_typed_control_token_in_the_system_message_stays_text():
+    from dataclasses import replace
+
+    tokenizer = make_tokenizer("chatml")
+    template = replace(resolve_template("chat", tokenizer), system="Never say <|im_end|> or <image>.")
+    r = render(CONV[:1], template, tokenizer, image_tokens=4, add_generation_prompt=True)
+    assert r.input_ids.count(tokenizer.convert_tokens_to_ids("<|im_end|>")) == 2  # the system's and the question's
+    assert sum(r.image_mask) == 4 and r.num_images == 1
+
+
+def test_chat_session_system_message_with_each_template(chatml_model, tiny_checkpoint):
+    from mmchat.chat import ChatSession
+    from mmchat.conversation import ASSISTANT, USER
+    from mmchat.generate import GenerationConfig
+    from mmchat.model import LoadOptions, load_model
+
+    gen = GenerationConfig(max_new_tokens=2, temperature=0.0)
+    s = ChatSession(chatml_model)
+    "".join(s.answer([Message(USER, "Hi")], [], gen, system=SYSTEM))
+    assert s.last_stats.prompt_tokens == len(chatml_model.tokenizer(SYSTEM_GOLDEN["chatml"].split("<|im_start|>user")[0]
+                                                                    + "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")["input_ids"])
+    assert s.messages[-1].role == ASSISTANT
+    plain = ChatSession(load_model(tiny_checkpoint, LoadOptions("32bit", "cpu")), template="plain")
+    with pytest.raises(ValueError, match="'plain'.*takes no system message") as e:
+        plain.answer([Message(USER, "Hi", 0)], [], gen, system=SYSTEM)
+    assert "\n" not in str(e.value)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import time
 import urllib.request
 from dataclasses import dataclass
 from typing import Annotated, Literal, Union
@@ -169,14 +170,30 @@ def _image_bytes(url: str, param: str, remote: RemoteImages) -> bytes:
     if not remote.allowed:
         raise ApiError(400, f"{param}: remote image URLs are off on this server (start it with --allow-remote-images); "
                             "send the image as a data URL", param, "remote_images_disabled")
+    too_large = ApiError(413, f"{param}: the image is over {remote.max_bytes / 2**20:g} MB", param, "image_too_large")
+    deadline = time.monotonic() + remote.timeout  # for the whole fetch, not per read (a slow drip)
+    data = bytearray()
     try:
         with urllib.request.urlopen(url, timeout=remote.timeout) as response:
-            data = response.read(remote.max_bytes + 1)
+            declared = response.headers.get("content-length", "")
+            if declared.isdigit() and int(declared) > remote.max_bytes:
+                raise too_large
+            while len(data) <= remote.max_bytes:
+                if time.monotonic() > deadline:
+                    raise TimeoutError
+                chunk = response.read1(min(2**16, remote.max_bytes + 1 - len(data)))
+                if not chunk:
+                    break
+                data += chunk
+    except ApiError:
+        raise
     except Exception as e:  # any fetch failure is the URL's fault as far as the client can tell
-        raise ApiError(400, f"{param}: could not fetch the image ({type(e).__name__})", param, "image_fetch_failed") from None
+        timed_out = isinstance(e, TimeoutError) or isinstance(getattr(e, "reason", None), TimeoutError)  # URLError
+        why = f"no answer within {remote.timeout:g} s" if timed_out else type(e).__name__
+        raise ApiError(400, f"{param}: could not fetch the image ({why})", param, "image_fetch_failed") from None
     if len(data) > remote.max_bytes:
-        raise ApiError(413, f"{param}: the image is over {remote.max_bytes // 2**20} MB", param, "image_too_large")
-    return data
+        raise too_large
+    return bytes(data)
 
 
 def _text_of(content, param: str, images_allowed: bool) -> tuple[str, list[tuple[str, ImageURL]]]:

@@ -3,6 +3,10 @@
     python app.py                                   # the demo model, http://127.0.0.1:7860
     python app.py --model CKPT --load-in 4bit       # an mmchat checkpoint, LLaVA folder or hub id
     MMCHAT_MODEL=llava-hf/llava-1.5-7b-hf python app.py    # the same, as a Space configures it
+    python app.py --api-key SECRET                  # the OpenAI routes under /v1 ask for the key
+
+Beside the page, the same server answers OpenAI's `GET /v1/models` and `POST /v1/chat/completions`
+(`mmchat.serving.api`) with the same loaded model, unless `--no-api`; see `api_routes`.
 
 This file is the view: it lays out the page and turns clicks into calls on `mmchat.serving.sessions`.
 Flags live in `mmchat.serving.config`, model loading in `mmchat.serving.loaded_model`.
@@ -11,15 +15,17 @@ from __future__ import annotations
 
 import html
 import sys
+import threading
 import time
 from contextlib import contextmanager
 from types import SimpleNamespace
 
 import gradio as gr
+from starlette.routing import BaseRoute, Match, NoMatchFound
 
 from mmchat.serving.examples import EXAMPLES, example_path
 from mmchat.generate import GenerationConfig, decoding_defaults
-from mmchat.serving.config import parse_args
+from mmchat.serving.config import ServeConfig, parse_args
 from mmchat.serving.loaded_model import ServedModel, load_served_model
 from mmchat.serving.sessions import Busy, Conversation, History, Question, SessionPool, Turn
 from mmchat.templates import CHAT, TEMPLATES
@@ -93,8 +99,9 @@ def _errors_for(request: gr.Request | None):
 class Handlers:
     """What the page's events call: each works on the caller's conversation (by session hash)."""
 
-    def __init__(self, served: ServedModel, pool: SessionPool | None, gpu):
+    def __init__(self, served: ServedModel, pool: SessionPool | None, gpu, turn: threading.Lock | None = None):
         self.served, self.pool = served, pool
+        self.turn = turn or threading.Lock()  # held while an answer runs the model: see `build_app`
         self.stream = gpu(self.stream)  # the one function that runs the model
 
     @contextmanager
@@ -139,6 +146,9 @@ class Handlers:
             deltas = conversation.follow(question, self.stream(key, conversation.history(), question, gen))
             thread, answer, shown_at = conversation.thread(), "", time.monotonic()
             yield to_chatbot(thread + [Turn("assistant", "")]), ""
+            # The model's turn: waits while an API request runs it (it has the question shown meanwhile).
+            # A plain Lock, not an RLock: Gradio may run each step of this generator on another thread.
+            self.turn.acquire()
             try:
                 for delta in deltas:
                     answer += delta
@@ -149,7 +159,10 @@ class Handlers:
                 raise _error(f"generation failed ({type(e).__name__}: {e}); press Regenerate to try again "
                              "or Undo to remove the question", "Generation failed") from None
             finally:
-                deltas.close()  # on Stop the session keeps the partial answer
+                try:
+                    deltas.close()  # on Stop the session keeps the partial answer
+                finally:
+                    self.turn.release()
             yield to_chatbot(conversation.thread()), stats_line(conversation)
 
     @staticmethod
@@ -268,13 +281,17 @@ def layout(served: ServedModel, pool: SessionPool | None) -> SimpleNamespace:
     return ui
 
 
-def build_app(served: ServedModel, pool: SessionPool | None, concurrency: int = 1, gpu=lambda fn: fn) -> gr.Blocks:
+def build_app(served: ServedModel, pool: SessionPool | None, concurrency: int = 1, gpu=lambda fn: fn,
+              turn: threading.Lock | None = None) -> gr.Blocks:
     """The page; `pool` is None when no model is loaded, and the page then says why.
 
     `concurrency` generations run at once (Gradio's queue orders the rest); `gpu` wraps the
-    function that runs the model (`spaces.GPU` on Spaces).
+    function that runs the model (`spaces.GPU` on Spaces). `turn` is the lock the page and the
+    OpenAI routes share so that only one of them runs the model at a time: a page answer holds it
+    from its first token to its last (in this process, also on ZeroGPU), the API's worker thread for
+    each whole answer. Nothing else is waited for while it is held, so the two cannot deadlock.
     """
-    h = Handlers(served, pool, gpu)
+    h = Handlers(served, pool, gpu, turn)
     with gr.Blocks(title="mmchat", analytics_enabled=False, delete_cache=(3600, 86400)) as demo:
         ui = layout(served, pool)
         settings = [ui.temperature, ui.top_p, ui.max_tokens]
@@ -298,15 +315,72 @@ def build_app(served: ServedModel, pool: SessionPool | None, concurrency: int = 
     return demo
 
 
+class Under(BaseRoute):
+    """Hands every HTTP request whose path is under `prefix` to `app` unchanged (the path included).
+
+    Given to Gradio's FastAPI app as its first route (`launch(app_kwargs={"routes": ...})`), so
+    the OpenAI routes are matched before Gradio's own; Gradio's middleware (CORS, compression)
+    wraps them too, but not its page or queue.
+    """
+
+    def __init__(self, prefix: str, app):
+        self.prefix, self.app = prefix.rstrip("/"), app
+
+    def matches(self, scope) -> tuple[Match, dict]:
+        path = scope.get("path", "")
+        if scope["type"] == "http" and (path == self.prefix or path.startswith(self.prefix + "/")):
+            return Match.FULL, {}
+        return Match.NONE, {}
+
+    async def handle(self, scope, receive, send) -> None:
+        await self.app(scope, receive, send)
+
+    def url_path_for(self, name: str, /, **path_params):
+        raise NoMatchFound(name, path_params)
+
+
+def api_routes(config: ServeConfig, served: ServedModel, turn: threading.Lock) -> list[BaseRoute]:
+    """The OpenAI-compatible routes under /v1, served with the page's model (none with `--no-api`).
+
+    With no model loaded every /v1 request gets a 503 in OpenAI's error shape, with the reason the
+    page shows. On Spaces the routes come along: set MMCHAT_API_KEY as a Space secret (or
+    MMCHAT_API=false), or anyone can use the Space's hardware through them. On ZeroGPU only the
+    page's `spaces.GPU` calls get the GPU, so there the API answers 503 "generation failed".
+    """
+    if not config.api:
+        return []
+    from mmchat.serve import model_id
+    from mmchat.serving.api import create_app
+    from mmchat.serving.api_requests import ApiError
+
+    if served.ready:
+        api = create_app(served.model, model_id(config.model), api_key=config.api_key,
+                         max_sessions=config.max_sessions, turn=turn)
+    else:
+        async def api(scope, receive, send):
+            no_model = ApiError(503, served.summary, None, "model_not_loaded", kind="server_error")
+            await no_model.response()(scope, receive, send)
+    if config.host not in ("127.0.0.1", "localhost", "::1") and config.api_key is None:
+        print(f"warning: the OpenAI routes (/v1) serve {config.host} with no --api-key: anyone who can reach "
+              "them can use them (set --api-key / MMCHAT_API_KEY, or --no-api)", flush=True)
+    return [Under("/v1", api)]
+
+
 def main(argv: list[str] | None = None) -> int:
     config = parse_args(argv)
     gpu = gpu_wrapper()
     served = load_served_model(config)
     print(served.summary, flush=True)
     pool = SessionPool(served.model, config.max_sessions, config.max_conversations) if served.ready else None
-    demo = build_app(served, pool, config.concurrency, gpu)
+    turn = threading.Lock()  # one model, one GPU: the page and the API take turns (see `build_app`)
+    demo = build_app(served, pool, config.concurrency, gpu, turn)
+    routes = api_routes(config, served, turn)
+    if routes:
+        print(f"OpenAI-compatible API: http://{config.host}:{config.port}/v1"
+              + (" (bearer key required)" if config.api_key else ""), flush=True)
     demo.queue()
     demo.launch(server_name=config.host, server_port=config.port, share=config.share, show_error=False,
+                app_kwargs={"routes": routes},
                 theme=gr.themes.Soft(font=["ui-sans-serif", "system-ui", "sans-serif"],
                                      font_mono=["ui-monospace", "monospace"]),
                 css=CSS, max_file_size="50mb", footer_links=["api", "gradio", "settings"])

@@ -58,9 +58,12 @@ class _Job:
 class Worker:
     """Runs generations one at a time, in order, on a thread of its own; owns the `PrefixPool`."""
 
-    def __init__(self, pool: PrefixPool, max_queue: int):
+    def __init__(self, pool: PrefixPool, max_queue: int, turn: threading.Lock | None = None):
         self.pool = pool
         self.max_queue = max_queue
+        self.turn = turn or threading.Lock()
+        """Held for each whole answer: `python app.py` shares it with the page, so one GPU runs one
+        generation at a time."""
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="mmchat-generate")
         self._pending = 0
         self._guard = threading.Lock()
@@ -80,24 +83,8 @@ class Worker:
         try:
             if job.cancelled.is_set():
                 return
-            c = job.conversation
-            sid, session = self.pool.take(c.system, c.keys)
-            try:
-                deltas = session.answer(c.messages, c.images, job.gen, job.stop, c.system)
-            except ContextError as e:
-                return put("error", ApiError(400, f"messages: {e}", "messages", "context_length_exceeded"))
-            except ValueError as e:
-                return put("error", ApiError(400, f"messages: {e}", "messages", "invalid_value"))
-            put("start")
-            try:
-                for delta in deltas:
-                    if job.cancelled.is_set():
-                        break
-                    put("delta", delta)
-            finally:
-                deltas.close()
-                self.pool.remember(sid, c.system, c.keys)
-            put("end", session.last_stats)
+            with self.turn:
+                self._answer(job, put)
         except Exception as e:  # the model failed: the client hears it, the server keeps serving
             put("error", ApiError(503, f"generation failed ({type(e).__name__}: {e})", None, "generation_failed",
                                   kind="server_error"))
@@ -105,14 +92,35 @@ class Worker:
             with self._guard:
                 self._pending -= 1
 
+    def _answer(self, job: _Job, put) -> None:
+        c = job.conversation
+        sid, session = self.pool.take(c.system, c.keys)
+        try:
+            deltas = session.answer(c.messages, c.images, job.gen, job.stop, c.system)
+        except ContextError as e:
+            return put("error", ApiError(400, f"messages: {e}", "messages", "context_length_exceeded"))
+        except ValueError as e:
+            return put("error", ApiError(400, f"messages: {e}", "messages", "invalid_value"))
+        put("start")
+        try:
+            for delta in deltas:
+                if job.cancelled.is_set():
+                    break
+                put("delta", delta)
+        finally:
+            deltas.close()
+            self.pool.remember(sid, c.system, c.keys)
+        put("end", session.last_stats)
+
 
 # -- the app ---------------------------------------------------------------------------
 def create_app(model: MultimodalModel, model_id: str, *, api_key: str | None = None, max_sessions: int = 4,
                max_queue: int = 16, max_images: int = 8, max_body_bytes: int = 20 * 2**20,
-               remote: RemoteImages | None = None) -> FastAPI:
-    """The API app serving `model` as `model_id`; `api_key` (when set) is required as a bearer token."""
+               remote: RemoteImages | None = None, turn: threading.Lock | None = None) -> FastAPI:
+    """The API app serving `model` as `model_id`; `api_key` (when set) is required as a bearer token.
+    `turn` is held for each whole answer (`python app.py` passes the lock its page holds too)."""
     app = FastAPI(title="mmchat", docs_url=None, redoc_url=None, openapi_url=None)
-    worker = Worker(PrefixPool(model, max_sessions), max_queue)
+    worker = Worker(PrefixPool(model, max_sessions), max_queue, turn)
     remote = remote or RemoteImages()
     created = int(time.time())
 

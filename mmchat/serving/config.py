@@ -4,7 +4,8 @@
     MMCHAT_MODEL=llava-hf/llava-1.5-7b-hf python app.py      # what a Space sets in its settings
 
 A flag beats its variable; the variable beats the default. On Hugging Face Spaces (`SYSTEM=spaces`
-or `SPACE_ID` set) the default host is 0.0.0.0, which the Space's proxy needs.
+or `SPACE_ID` set) the default host is 0.0.0.0, which the Space's proxy needs. The OpenAI routes
+(`/v1/...`) come along there too: set MMCHAT_API_KEY as a Space *secret*, or MMCHAT_API=false.
 """
 from __future__ import annotations
 
@@ -42,6 +43,10 @@ class ServeConfig:
     """Conversations remembered at all (text and images at most twice the model's input size)."""
     concurrency: int = 1
     """Generations running at once; one per GPU is right, more only interleaves them."""
+    api: bool = True
+    """Also serve the OpenAI-compatible routes (`/v1/models`, `/v1/chat/completions`) on the same port."""
+    api_key: str | None = None
+    """Require 'Authorization: Bearer KEY' on the `/v1` routes (the page itself stays open)."""
 
     def __post_init__(self) -> None:
         if self.load_in is not None and self.load_in not in LOAD_IN:
@@ -61,6 +66,8 @@ class ServeConfig:
                 f"--max-conversations {self.max_conversations} is below --max-sessions {self.max_sessions}; "
                 "raise --max-conversations"
             )
+        if self.api_key == "":
+            raise ValueError("--api-key is empty; give a key or leave the flag out")
 
     @property
     def is_demo_model(self) -> bool:
@@ -90,7 +97,7 @@ def _defaults(environ: Mapping[str, str]) -> dict:
         raw = environ.get(name)
         if raw is None or raw == "":
             continue
-        if f.name == "share":
+        if f.name in ("share", "api"):
             values[f.name] = env_bool(name, raw)
         elif f.name in ("port", "max_sessions", "max_conversations", "concurrency"):
             try:
@@ -127,9 +134,13 @@ def parse_args(argv: list[str] | None = None, environ: Mapping[str, str] | None 
                    help="conversations remembered at all (default: %(default)s)")
     p.add_argument("--concurrency", type=int, default=d["concurrency"],
                    help="generations at once; 1 suits one GPU (default: %(default)s)")
+    p.add_argument("--api", action=argparse.BooleanOptionalAction, default=d["api"],
+                   help="also serve the OpenAI-compatible API under /v1 on the same port (default: on)")
+    p.add_argument("--api-key", default=d["api_key"],
+                   help="require 'Authorization: Bearer KEY' on /v1 (default: none; set it on Spaces)")
     a = p.parse_args(argv)
     try:
         return ServeConfig(a.model, a.load_in, a.device, a.host, a.port, a.share, a.max_sessions,
-                           a.max_conversations, a.concurrency)
+                           a.max_conversations, a.concurrency, api=a.api, api_key=a.api_key)
     except ValueError as e:
         p.error(str(e))

@@ -14,8 +14,8 @@ Flags live in `mmchat.serving.config`, model loading in `mmchat.serving.loaded_m
 from __future__ import annotations
 
 import html
+import os
 import sys
-import threading
 import time
 from contextlib import contextmanager
 from types import SimpleNamespace
@@ -23,9 +23,10 @@ from types import SimpleNamespace
 import gradio as gr
 from starlette.routing import BaseRoute, Match, NoMatchFound
 
-from mmchat.serving.examples import EXAMPLES, example_path
+from mmchat.engine import Engine
 from mmchat.generate import GenerationConfig, decoding_defaults
-from mmchat.serving.config import ServeConfig, parse_args
+from mmchat.serving.config import ServeConfig, on_zero_gpu, parse_args
+from mmchat.serving.examples import EXAMPLES, example_path
 from mmchat.serving.loaded_model import ServedModel, load_served_model
 from mmchat.serving.sessions import Busy, Conversation, History, Question, SessionPool, Turn
 from mmchat.templates import CHAT, TEMPLATES
@@ -99,9 +100,8 @@ def _errors_for(request: gr.Request | None):
 class Handlers:
     """What the page's events call: each works on the caller's conversation (by session hash)."""
 
-    def __init__(self, served: ServedModel, pool: SessionPool | None, gpu, turn: threading.Lock | None = None):
+    def __init__(self, served: ServedModel, pool: SessionPool | None, gpu):
         self.served, self.pool = served, pool
-        self.turn = turn or threading.Lock()  # held while an answer runs the model: see `build_app`
         self.stream = gpu(self.stream)  # the one function that runs the model
 
     @contextmanager
@@ -146,9 +146,6 @@ class Handlers:
             deltas = conversation.follow(question, self.stream(key, conversation.history(), question, gen))
             thread, answer, shown_at = conversation.thread(), "", time.monotonic()
             yield to_chatbot(thread + [Turn("assistant", "")]), ""
-            # The model's turn: waits while an API request runs it (it has the question shown meanwhile).
-            # A plain Lock, not an RLock: Gradio may run each step of this generator on another thread.
-            self.turn.acquire()
             try:
                 for delta in deltas:
                     answer += delta
@@ -159,10 +156,7 @@ class Handlers:
                 raise _error(f"generation failed ({type(e).__name__}: {e}); press Regenerate to try again "
                              "or Undo to remove the question", "Generation failed") from None
             finally:
-                try:
-                    deltas.close()  # on Stop the session keeps the partial answer
-                finally:
-                    self.turn.release()
+                deltas.close()  # on Stop the session keeps the partial answer
             yield to_chatbot(conversation.thread()), stats_line(conversation)
 
     @staticmethod
@@ -281,17 +275,14 @@ def layout(served: ServedModel, pool: SessionPool | None) -> SimpleNamespace:
     return ui
 
 
-def build_app(served: ServedModel, pool: SessionPool | None, concurrency: int = 1, gpu=lambda fn: fn,
-              turn: threading.Lock | None = None) -> gr.Blocks:
+def build_app(served: ServedModel, pool: SessionPool | None, concurrency: int = 1, gpu=lambda fn: fn) -> gr.Blocks:
     """The page; `pool` is None when no model is loaded, and the page then says why.
 
-    `concurrency` generations run at once (Gradio's queue orders the rest); `gpu` wraps the
-    function that runs the model (`spaces.GPU` on Spaces). `turn` is the lock the page and the
-    OpenAI routes share so that only one of them runs the model at a time: a page answer holds it
-    from its first token to its last (in this process, also on ZeroGPU), the API's worker thread for
-    each whole answer. Nothing else is waited for while it is held, so the two cannot deadlock.
+    `concurrency` answers run at once (Gradio's queue orders the rest): the pool's sessions decode
+    them together in its engine (with the API's requests when `python app.py` serves both), so it
+    is the engine's `max_batch`. `gpu` wraps the function that runs the model (`spaces.GPU` on Spaces).
     """
-    h = Handlers(served, pool, gpu, turn)
+    h = Handlers(served, pool, gpu)
     with gr.Blocks(title="mmchat", analytics_enabled=False, delete_cache=(3600, 86400)) as demo:
         ui = layout(served, pool)
         settings = [ui.temperature, ui.top_p, ui.max_tokens]
@@ -339,7 +330,7 @@ class Under(BaseRoute):
         raise NoMatchFound(name, path_params)
 
 
-def api_routes(config: ServeConfig, served: ServedModel, turn: threading.Lock) -> list[BaseRoute]:
+def api_routes(config: ServeConfig, served: ServedModel, engine: Engine | None) -> list[BaseRoute]:
     """The OpenAI-compatible routes under /v1, served with the page's model (none with `--no-api`).
 
     With no model loaded every /v1 request gets a 503 in OpenAI's error shape, with the reason the
@@ -355,7 +346,7 @@ def api_routes(config: ServeConfig, served: ServedModel, turn: threading.Lock) -
 
     if served.ready:
         api = create_app(served.model, model_id(config.model), api_key=config.api_key,
-                         max_sessions=config.max_sessions, turn=turn)
+                         max_sessions=config.max_sessions, engine=engine)
     else:
         async def api(scope, receive, send):
             no_model = ApiError(503, served.summary, None, "model_not_loaded", kind="server_error")
@@ -371,10 +362,12 @@ def main(argv: list[str] | None = None) -> int:
     gpu = gpu_wrapper()
     served = load_served_model(config)
     print(served.summary, flush=True)
-    pool = SessionPool(served.model, config.max_sessions, config.max_conversations) if served.ready else None
-    turn = threading.Lock()  # one model, one GPU: the page and the API take turns (see `build_app`)
-    demo = build_app(served, pool, config.concurrency, gpu, turn)
-    routes = api_routes(config, served, turn)
+    # One engine decodes the page's and the API's answers together. Not on ZeroGPU: there each
+    # answer runs in a worker process of its own, which an engine's thread does not reach.
+    engine = Engine(served.model, config.max_batch) if served.ready and not on_zero_gpu(os.environ) else None
+    pool = SessionPool(served.model, config.max_sessions, config.max_conversations, engine=engine) if served.ready else None
+    demo = build_app(served, pool, config.max_batch, gpu)
+    routes = api_routes(config, served, engine)
     if routes:
         print(f"OpenAI-compatible API: http://{config.host}:{config.port}/v1"
               + (" (bearer key required)" if config.api_key else ""), flush=True)

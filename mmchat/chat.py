@@ -16,8 +16,9 @@ from typing import Iterator
 import torch
 from PIL import Image
 
+from mmchat.answer import Answer, TurnStats
 from mmchat.conversation import ASSISTANT, USER, Message, Rendered, render
-from mmchat.generate import GenerationConfig, next_token, stop_ids
+from mmchat.generate import GenerationConfig, stop_ids
 from mmchat.image import load_image, preprocess
 from mmchat.kv_cache import new_cache
 from mmchat.model import MultimodalModel
@@ -26,29 +27,6 @@ from mmchat.templates import resolve_template
 
 class ContextError(ValueError):
     """The conversation cannot fit the model's context window."""
-
-
-@dataclass
-class TurnStats:
-    prompt_tokens: int = 0
-    """Tokens of the rendered conversation fed to the model this turn."""
-    prefill_tokens: int = 0
-    """Of those, how many were computed now (the rest came from the KV cache)."""
-    new_tokens: int = 0
-    answer_ids: list[int] = field(default_factory=list)
-    """The generated token ids (the stop token excluded), for exact comparisons."""
-    dropped_turns: int = 0
-    finish_reason: str = ""
-    """`stop` (a stop token or stop string ended the answer) or `length` (the token budget did)."""
-    time_to_first_token: float = 0.0
-    decode_seconds: float = 0.0
-    decode_model_seconds: float = 0.0
-    """Of decode_seconds, the time inside the LLM's forward; the rest is the session's own work
-    per token (choosing, detokenising, stop strings, streaming)."""
-
-    @property
-    def decode_tokens_per_second(self) -> float:
-        return (self.new_tokens - 1) / self.decode_seconds if self.new_tokens > 1 and self.decode_seconds > 0 else 0.0
 
 
 @dataclass
@@ -72,6 +50,9 @@ class ChatSession:
     notices: list[str] = field(default_factory=list)
     """Things the user should be told (e.g. old turns dropped to fit the context)."""
     last_stats: TurnStats = field(default_factory=TurnStats)
+    engine: object | None = None
+    """A `mmchat.engine.Engine` that decodes this conversation's answers in a batch with others
+    (the server's and the app's sessions); None runs the model here, one answer at a time."""
 
     def __post_init__(self) -> None:
         self._template = resolve_template(self.template or self.model.config.template, self.model.tokenizer)
@@ -186,6 +167,16 @@ class ChatSession:
         for im in self._images:
             im.features = None
 
+    def lend_cache(self):
+        """Hand the KV cache over to a batch (`mmchat.engine`) while an answer decodes there."""
+        cache, self._cache = self._cache, None
+        return cache
+
+    def return_cache(self, cache, fed: list[int]) -> None:
+        """Take the KV cache back from a batch, now also holding the answer's tokens `fed` to it."""
+        self._cache = cache
+        self._cached_keys += fed
+
     @property
     def cached_tokens(self) -> int:
         return len(self._cached_keys)
@@ -239,8 +230,9 @@ class ChatSession:
         return torch.cat([im.features for im in images]) if images else None
 
     @torch.inference_mode()
-    def _prefill(self, view: "_View") -> torch.Tensor:
-        """Feed the part of the rendered view not in the cache; logits [V] of the last position."""
+    def prefill_steps(self, view: "_View", chunk: int | None = None) -> Iterator[None]:
+        """Feed the part of the rendered view not in the cache, `chunk` positions per forward
+        (None: all at once); yields between chunks and returns the logits [V] of the last position."""
         keys = self._keys(view)
         keep = sum(1 for _ in itertools.takewhile(lambda kk: kk[0] == kk[1], zip(keys, self._cached_keys)))
         keep = min(keep, len(keys) - 1)  # the last position must run to give logits
@@ -248,20 +240,26 @@ class ChatSession:
             self._cache = new_cache(self.model.llm.config)
         elif keep < len(self._cached_keys):
             self._cache.crop(keep - len(self._cached_keys))  # negative: how many positions to remove
-        mask = view.rendered.image_mask
+        self._cached_keys = keys[:keep]
+        mask, ids = view.rendered.image_mask, view.rendered.input_ids
         rows = self._features(view.images)
-        start_row = sum(mask[:keep])
-        suffix_rows = None if rows is None else rows[start_row:start_row + sum(mask[keep:])]
-        ids = torch.tensor([view.rendered.input_ids[keep:]], device=self.model.device)
-        image_mask = torch.tensor([mask[keep:]], device=self.model.device)
-        feats = None if suffix_rows is None or not len(suffix_rows) else suffix_rows.unsqueeze(0)
-        embeds = self.model.embed(ids, image_mask, feats)
-        # Only the last position's logits are needed: skips a [L, vocab] projection (as `generate` does).
-        out = self.model.llm(inputs_embeds=embeds, cache=self._cache, use_cache=True, logits_to_keep=1)
-        self._cache = out.cache
-        self._cached_keys = keys
+        row = sum(mask[:keep])
         self.last_stats.prefill_tokens = len(keys) - keep
-        return out.logits[0, -1]
+        start = keep
+        while True:
+            end = len(keys) if chunk is None else min(len(keys), start + chunk)
+            slots = sum(mask[start:end])
+            feats = rows[row:row + slots].unsqueeze(0) if slots else None
+            embeds = self.model.embed(torch.tensor([ids[start:end]], device=self.model.device),
+                                      torch.tensor([mask[start:end]], device=self.model.device), feats)
+            # Only the last position's logits are needed: skips a [L, vocab] projection (as `generate` does).
+            out = self.model.llm(inputs_embeds=embeds, cache=self._cache, use_cache=True, logits_to_keep=1)
+            self._cache = out.cache
+            self._cached_keys = keys[:end]
+            start, row = end, row + slots
+            if start == len(keys):
+                return out.logits[0, -1]
+            yield
 
     @torch.inference_mode()
     def _step(self, token: int) -> torch.Tensor:
@@ -276,62 +274,56 @@ class ChatSession:
         self._cached_keys.append(token)
         return logits
 
-    def _generate(self, view: "_View", gen: GenerationConfig, extra_stops: tuple[str, ...] = ()) -> Iterator[str]:
+    def _start(self, view: "_View", gen: GenerationConfig, extra_stops: tuple[str, ...]) -> Answer:
         tokenizer = self.model.tokenizer
-        stops = self._template.stop_strings + tuple(s for s in extra_stops if s)
         end_of_turn = self._template.end_of_turn
         stop_tokens = stop_ids(self.model.config.stop_token_ids, tokenizer.eos_token_id,
                                tokenizer.convert_tokens_to_ids(end_of_turn) if end_of_turn else None)
-        generator = None
-        if gen.seed is not None:
-            generator = torch.Generator(device=self.model.device).manual_seed(gen.seed)
-        budget = min(gen.max_new_tokens, self.model.max_context - len(view.rendered))
         self.last_stats = TurnStats(prompt_tokens=len(view.rendered), dropped_turns=view.dropped, finish_reason="length")
-        started = time.perf_counter()
-        penalise = gen.repetition_penalty != 1.0
-        context = [t for t, im in zip(view.rendered.input_ids, view.rendered.image_mask) if not im] if penalise else []
-        generated: list[int] = []
-        text, shown, failed = "", 0, False
-        try:
-            logits = self._prefill(view)
-            while len(generated) < budget:
-                seen = torch.tensor(context + generated, dtype=torch.long, device=logits.device) if penalise else None
-                token = next_token(logits, seen, gen, generator)
-                if not generated:
-                    self.last_stats.time_to_first_token = time.perf_counter() - started
-                if token in stop_tokens:
-                    self.last_stats.finish_reason = "stop"
-                    break
-                generated.append(token)
-                self.last_stats.new_tokens = len(generated)  # live: a stopped ZeroGPU turn reports it
-                text = tokenizer.decode(generated, skip_special_tokens=True)
-                cut = min((text.find(s) for s in stops if s in text), default=-1)
-                if cut >= 0:
-                    text = text[:cut]
-                    self.last_stats.finish_reason = "stop"
-                    break
-                visible = _safe_prefix(text, stops)
-                if len(visible) > shown:
-                    yield visible[shown:]
-                    shown = len(visible)
-                if len(generated) == budget:
-                    break
-                logits = self._step(token)
-        except Exception:
-            # The question stays unanswered (respond() or regenerate() retries); the cache may be
-            # half-written, so it is dropped.
-            failed = True
+        context = [t for t, im in zip(view.rendered.input_ids, view.rendered.image_mask) if not im]
+        return Answer(tokenizer, gen, stop_tokens, self._template.stop_strings + tuple(s for s in extra_stops if s),
+                      min(gen.max_new_tokens, self.model.max_context - len(view.rendered)), self.last_stats,
+                      context, self.model.device)
+
+    def end_answer(self, answer: Answer, failed: bool) -> str:
+        """Record the answer (unless generation failed: the question stays for a retry, and the
+        cache, maybe half-written, is dropped); returns the text not shown yet."""
+        if failed:
             self.drop_cache()
+            return ""
+        tail = answer.close()
+        self.messages.append(Message(ASSISTANT, answer.text.strip()))
+        return tail
+
+    def _generate(self, view: "_View", gen: GenerationConfig, extra_stops: tuple[str, ...] = ()) -> Iterator[str]:
+        answer = self._start(view, gen, extra_stops)
+        if self.engine is not None:  # decoded in a batch with other conversations
+            yield from self.engine.run(self, view, answer)
+            return
+        failed = False
+        try:
+            steps = self.prefill_steps(view)
+            while True:
+                try:
+                    next(steps)
+                except StopIteration as done:
+                    logits = done.value
+                    break
+            while True:
+                delta = answer.push(logits)
+                if delta:
+                    yield delta
+                if answer.done:
+                    break
+                logits = self._step(answer.token)
+        except Exception:
+            failed = True
             raise
         finally:
             # Also runs when the consumer stops early (Stop): keep what was said so far.
-            if not failed:
-                self.last_stats.new_tokens = len(generated)
-                self.last_stats.answer_ids = list(generated)
-                self.last_stats.decode_seconds = time.perf_counter() - started - self.last_stats.time_to_first_token
-                self.messages.append(Message(ASSISTANT, text.strip()))
-        if len(text) > shown:
-            yield text[shown:]
+            tail = self.end_answer(answer, failed)
+        if tail:
+            yield tail
 
 
 @dataclass
@@ -339,14 +331,3 @@ class _View:
     rendered: Rendered
     images: list[_Image]
     dropped: int
-
-
-def _safe_prefix(text: str, stops: tuple[str, ...]) -> str:
-    """Text safe to show now: no half-decoded character, no possible start of a stop string."""
-    end = len(text.rstrip("\ufffd"))
-    for stop in stops:
-        for k in range(min(len(stop) - 1, end), 0, -1):
-            if text[:end].endswith(stop[:k]):
-                end -= k
-                break
-    return text[:end]

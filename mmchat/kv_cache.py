@@ -70,3 +70,83 @@ def new_cache(llm_config) -> Cache | None:
     if getattr(text, "sliding_window", None) or any(t != "full_attention" for t in layer_types):
         return None
     return Cache(layer_class_to_replicate=AppendInPlaceLayer)
+
+
+# -- batches of conversations (`mmchat.engine`) --------------------------------------------
+# A batch is one append-in-place cache whose rows are conversations of different lengths, aligned
+# at the end (left padding): row i holds its positions in columns [starts[i], width) and every
+# decode step appends one column for all rows. Joining and leaving copy the batch once; decode
+# steps copy nothing. Padding columns hold zeros (never garbage: a masked NaN would still poison
+# attention's weighted sum) and are masked out by `padding_mask`.
+
+
+def _layer(keys: torch.Tensor, values: torch.Tensor, width: int) -> AppendInPlaceLayer:
+    """A layer adopting buffers `keys`/`values` whose first `width` positions are filled."""
+    layer = AppendInPlaceLayer()
+    layer.lazy_initialization(keys[..., :0, :], values[..., :0, :])
+    layer._key_buffer, layer._value_buffer = keys, values
+    layer.keys, layer.values = keys[..., :width, :], values[..., :width, :]
+    return layer
+
+
+def _buffer_like(t: torch.Tensor, rows: int, width: int) -> torch.Tensor:
+    return t.new_zeros((rows, t.shape[1], width + GROW_BLOCK, t.shape[-1]))
+
+
+def cache_width(cache: Cache) -> int:
+    return cache.get_seq_length()
+
+
+def join_row(batch: Cache, starts: list[int], row: Cache) -> tuple[Cache, list[int]]:
+    """`batch` with the one-row cache `row` added as its last row, end-aligned with the others."""
+    width, length = cache_width(batch), cache_width(row)
+    new_width = max(width, length)
+    shift = new_width - width  # the batch's rows move right when the newcomer is longer
+    layers = []
+    for old, new in zip(batch.layers, row.layers):
+        rows = old.keys.shape[0]
+        pair = []
+        for have, add in ((old.keys, new.keys), (old.values, new.values)):
+            buffer = _buffer_like(have, rows + 1, new_width)
+            buffer[:rows, :, shift:new_width].copy_(have)
+            buffer[rows, :, new_width - length:new_width].copy_(add[0])
+            pair.append(buffer)
+        layers.append(_layer(*pair, new_width))
+    return Cache(layers=layers), [s + shift for s in starts] + [new_width - length]
+
+
+def keep_rows(batch: Cache, keep: list[int], starts: list[int]) -> tuple[Cache, list[int]]:
+    """`batch` with only rows `keep`, and the leading columns that only padding used dropped."""
+    width, first = cache_width(batch), min(starts[i] for i in keep)
+    index = torch.tensor(keep, device=batch.layers[0].keys.device)
+    layers = []
+    for old in batch.layers:
+        pair = []
+        for have in (old.keys, old.values):
+            buffer = _buffer_like(have, len(keep), width - first)
+            buffer[:, :, :width - first].copy_(have.index_select(0, index)[:, :, first:])
+            pair.append(buffer)
+        layers.append(_layer(*pair, width - first))
+    return Cache(layers=layers), [starts[i] - first for i in keep]
+
+
+def take_row(batch: Cache, i: int, start: int) -> Cache:
+    """Row `i` of `batch` (its positions from `start`) as a one-row cache of its own."""
+    width = cache_width(batch)
+    layers = []
+    for old in batch.layers:
+        pair = []
+        for have in (old.keys, old.values):
+            buffer = _buffer_like(have, 1, width - start)
+            buffer[:, :, :width - start].copy_(have[i:i + 1, :, start:])
+            pair.append(buffer)
+        layers.append(_layer(*pair, width - start))
+    return Cache(layers=layers)
+
+
+def padding_mask(starts: list[int], width: int, device) -> torch.Tensor | None:
+    """The 2-D attention mask [rows, width + 1] for a decode step (None when no row is padded)."""
+    if not any(starts):
+        return None
+    first = torch.tensor(starts, device=device).unsqueeze(1)
+    return (torch.arange(width + 1, device=device).unsqueeze(0) >= first).long()

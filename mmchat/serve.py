@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Mapping
 
 from mmchat.config import LOAD_IN
-from mmchat.serving.config import DEMO_MODEL, ENV_PREFIX, ServeConfig, env_bool
+from mmchat.serving.config import DEFAULT_MAX_BATCH, DEMO_MODEL, ENV_PREFIX, ServeConfig, env_bool
 
 
 @dataclass
@@ -34,10 +34,13 @@ class ApiConfig:
     port: int = 8000
     api_key: str | None = None
     """require 'Authorization: Bearer KEY' on every request (default: none)"""
-    max_sessions: int = 4
-    """conversations whose KV cache is kept for the next request that continues them"""
+    max_batch: int = DEFAULT_MAX_BATCH
+    """answers decoded together, one LLM forward per step for all (continuous batching); 1 decodes
+    one at a time. Each costs its conversation's KV cache in memory"""
+    max_sessions: int = DEFAULT_MAX_BATCH
+    """conversations whose KV cache is kept for the next request that continues them (at least --max-batch)"""
     max_queue: int = 16
-    """requests waiting for the model; more get HTTP 429"""
+    """requests waiting while the batch is full; more get HTTP 429 (0: refuse when full)"""
     max_images: int = 8
     """images per request"""
     max_body_mb: float = 20.0
@@ -54,7 +57,9 @@ class ApiConfig:
             raise ValueError(f"--load-in {self.load_in!r}: choose one of {', '.join(LOAD_IN)}")
         if not 0 < self.port < 65536:
             raise ValueError(f"--port {self.port}: must be between 1 and 65535")
-        for name in ("max_sessions", "max_queue", "max_images", "max_body_mb", "remote_image_mb", "remote_timeout"):
+        if self.max_queue < 0:
+            raise ValueError(f"--max-queue {self.max_queue}: must be 0 or more")
+        for name in ("max_batch", "max_sessions", "max_images", "max_body_mb", "remote_image_mb", "remote_timeout"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be above 0")
         if self.api_key == "":
@@ -117,6 +122,7 @@ def model_id(model: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     import uvicorn
 
+    from mmchat.engine import Engine
     from mmchat.serving.api import RemoteImages, create_app
     from mmchat.serving.loaded_model import load_served_model
 
@@ -131,7 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     remote = RemoteImages(config.allow_remote_images, int(config.remote_image_mb * 2**20), config.remote_timeout)
     app = create_app(served.model, model_id(config.model), api_key=config.api_key, max_sessions=config.max_sessions,
                      max_queue=config.max_queue, max_images=config.max_images,
-                     max_body_bytes=int(config.max_body_mb * 2**20), remote=remote)
+                     max_body_bytes=int(config.max_body_mb * 2**20), remote=remote,
+                     engine=Engine(served.model, config.max_batch))
     uvicorn.run(app, host=config.host, port=config.port, log_level="info")
     return 0
 

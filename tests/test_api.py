@@ -303,7 +303,8 @@ REMOTE_TIMEOUT = 2.0
 @pytest.fixture(scope="module")
 def chat_server(chat_checkpoint, tmp_path_factory):
     s = ApiServer(chat_checkpoint, tmp_path_factory.mktemp("serve-chat"), "--allow-remote-images",
-                  "--remote-image-mb", "0.5", "--remote-timeout", str(REMOTE_TIMEOUT), "--max-queue", "1")
+                  "--remote-image-mb", "0.5", "--remote-timeout", str(REMOTE_TIMEOUT), "--max-batch", "1",
+                  "--max-queue", "0")
     yield s
     s.stop()
 
@@ -390,7 +391,7 @@ def test_remote_images_are_fetched_within_limits(chat_client, client, image_host
 
 
 def test_a_full_queue_gets_429_and_the_server_recovers(chat_client):
-    """--max-queue 1: while one long answer is generated, other requests are refused at once."""
+    """--max-batch 1 --max-queue 0: while one long answer is generated, other requests are refused at once."""
     stream = ask(chat_client, [user("Tell me everything.")], stream=True, max_tokens=LONG_CONTEXT - 200)
     next(iter(stream))
     try:

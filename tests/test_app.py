@@ -326,7 +326,8 @@ def test_flags_environment_and_spaces_host(capsys):
     from mmchat.serving.config import DEMO_MODEL, parse_args
 
     c = parse_args([], {})
-    assert (c.model, c.host, c.port, c.share, c.max_sessions, c.load_in) == (str(DEMO_MODEL), "127.0.0.1", 7860, False, 4, None)
+    assert (c.model, c.host, c.port, c.share, c.max_sessions, c.load_in) == (str(DEMO_MODEL), "127.0.0.1", 7860, False, 8, None)
+    assert c.max_batch == 8 and parse_args([], {"MMCHAT_MAX_BATCH": "3"}).max_batch == 3
     env = {"MMCHAT_MODEL": "m", "MMCHAT_LOAD_IN": "8bit", "MMCHAT_PORT": "9000", "MMCHAT_SHARE": "true",
            "MMCHAT_MAX_SESSIONS": "6"}
     c = parse_args([], env)
@@ -336,7 +337,7 @@ def test_flags_environment_and_spaces_host(capsys):
     assert parse_args([], {"SPACE_ID": "me/mmchat"}).host == "0.0.0.0"
     assert parse_args([], {"SYSTEM": "spaces"}).host == "0.0.0.0"
     for argv, env, message in [
-        (["--max-sessions", "1", "--concurrency", "2"], {}, "--max-sessions 1 is below --concurrency 2"),
+        (["--max-batch", "0"], {}, "--max-batch 0: must be at least 1"),
         ([], {"MMCHAT_PORT": "web"}, "MMCHAT_PORT='web': must be a whole number"),
         ([], {"MMCHAT_SHARE": "maybe"}, "MMCHAT_SHARE='maybe'"),
         (["--port", "0"], {}, "--port 0"),

@@ -34,9 +34,8 @@ def in_process(args: list[str]):
 
     config = app.parse_args(args)
     served = load_served_model(config) if "--model" in args else ServedModel(None, "No model loaded: a test")
-    turn = threading.Lock()
-    demo = app.build_app(served, None, turn=turn)
-    return TestClient(gr.routes.App.create_app(demo, app_kwargs={"routes": app.api_routes(config, served, turn)}))
+    demo = app.build_app(served, None)
+    return TestClient(gr.routes.App.create_app(demo, app_kwargs={"routes": app.api_routes(config, served, None)}))
 
 
 def api_client(server, key: str = "unused") -> "openai.OpenAI":

@@ -7,9 +7,10 @@ no user input gets a 500. Fields the server cannot honour (`n` > 1, `tools`, `lo
 fields left out take the model's decoding defaults (`decoding_defaults`; a converted llava-hf
 folder's generation config), not OpenAI's temperature 1.
 
-Generation runs one request at a time on one worker thread, in arrival order; at most
-`max_queue` requests wait, more get a 429. (Batching decode steps across conversations is a
-later piece.) A streaming client that disconnects stops its generation at the next token.
+Every request gets a thread that feeds its conversation to the `mmchat.engine.Engine`, which
+decodes the answers in progress together (at most `max_batch`: one LLM forward per step for all);
+at most `max_queue` more requests wait, more get a 429. A streaming client that disconnects stops
+its answer at the next step and frees its place in the batch.
 Conversations reuse KV caches across requests through `PrefixPool`; `usage.prompt_tokens_details
 .cached_tokens` says how many prompt tokens were not prefilled.
 """
@@ -29,7 +30,9 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException
 
-from mmchat.chat import ContextError, TurnStats
+from mmchat.answer import TurnStats
+from mmchat.chat import ContextError
+from mmchat.engine import Engine
 from mmchat.generate import decoding_defaults
 from mmchat.model import MultimodalModel
 from mmchat.serving.api_requests import (
@@ -41,10 +44,11 @@ from mmchat.serving.api_requests import (
     validation_error,
     conversation,
 )
+from mmchat.serving.config import DEFAULT_MAX_BATCH
 from mmchat.serving.prefix_cache import PrefixPool
 
 
-# -- generation: one worker thread -----------------------------------------------------
+# -- generation: a thread per request, decoding in the shared engine ------------------------
 @dataclass
 class _Job:
     conversation: Conversation
@@ -56,23 +60,22 @@ class _Job:
 
 
 class Worker:
-    """Runs generations one at a time, in order, on a thread of its own; owns the `PrefixPool`."""
+    """Runs each request's answer on a thread of its own (at most the engine's `max_batch` at
+    once; `max_queue` more wait, in order); owns the `PrefixPool`."""
 
-    def __init__(self, pool: PrefixPool, max_queue: int, turn: threading.Lock | None = None):
+    def __init__(self, pool: PrefixPool, engine: Engine, max_queue: int):
         self.pool = pool
+        self.engine = engine
         self.max_queue = max_queue
-        self.turn = turn or threading.Lock()
-        """Held for each whole answer: `python app.py` shares it with the page, so one GPU runs one
-        generation at a time."""
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="mmchat-generate")
+        self._executor = ThreadPoolExecutor(engine.max_batch, thread_name_prefix="mmchat-request")
         self._pending = 0
         self._guard = threading.Lock()
 
     def submit(self, job: _Job) -> None:
         with self._guard:
-            if self._pending >= self.max_queue:
-                raise ApiError(429, f"the server is busy ({self._pending} requests waiting); retry shortly",
-                               None, "server_busy", kind="rate_limit_error")
+            if self._pending >= self.engine.max_batch + self.max_queue:
+                raise ApiError(429, f"the server is busy ({self._pending} requests in progress or waiting); "
+                               "retry shortly", None, "server_busy", kind="rate_limit_error")
             self._pending += 1
         self._executor.submit(self._run, job)
 
@@ -83,8 +86,7 @@ class Worker:
         try:
             if job.cancelled.is_set():
                 return
-            with self.turn:
-                self._answer(job, put)
+            self._answer(job, put)
         except Exception as e:  # the model failed: the client hears it, the server keeps serving
             put("error", ApiError(503, f"generation failed ({type(e).__name__}: {e})", None, "generation_failed",
                                   kind="server_error"))
@@ -98,8 +100,10 @@ class Worker:
         try:
             deltas = session.answer(c.messages, c.images, job.gen, job.stop, c.system)
         except ContextError as e:
+            self.pool.release(sid)
             return put("error", ApiError(400, f"messages: {e}", "messages", "context_length_exceeded"))
         except ValueError as e:
+            self.pool.release(sid)
             return put("error", ApiError(400, f"messages: {e}", "messages", "invalid_value"))
         put("start")
         try:
@@ -109,18 +113,20 @@ class Worker:
                 put("delta", delta)
         finally:
             deltas.close()
-            self.pool.remember(sid, c.system, c.keys)
+            self.pool.release(sid, c.system, c.keys)
         put("end", session.last_stats)
 
 
 # -- the app ---------------------------------------------------------------------------
 def create_app(model: MultimodalModel, model_id: str, *, api_key: str | None = None, max_sessions: int = 4,
                max_queue: int = 16, max_images: int = 8, max_body_bytes: int = 20 * 2**20,
-               remote: RemoteImages | None = None, turn: threading.Lock | None = None) -> FastAPI:
+               remote: RemoteImages | None = None, engine: Engine | None = None) -> FastAPI:
     """The API app serving `model` as `model_id`; `api_key` (when set) is required as a bearer token.
-    `turn` is held for each whole answer (`python app.py` passes the lock its page holds too)."""
+    `engine` decodes the answers (`python app.py` passes the one its page uses too; None: a new
+    one). At least as many conversations as answers decoded at once keep their caches."""
     app = FastAPI(title="mmchat", docs_url=None, redoc_url=None, openapi_url=None)
-    worker = Worker(PrefixPool(model, max_sessions), max_queue, turn)
+    engine = engine or Engine(model, DEFAULT_MAX_BATCH)
+    worker = Worker(PrefixPool(model, max(max_sessions, engine.max_batch), engine), engine, max_queue)
     remote = remote or RemoteImages()
     created = int(time.time())
 

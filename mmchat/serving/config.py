@@ -18,6 +18,9 @@ from typing import Mapping
 from mmchat.config import LOAD_IN
 from mmchat.serving.assets import assets_dir
 
+DEFAULT_MAX_BATCH = 8
+"""Answers decoded together by default: 8 conversations of 2,000 tokens hold ~8 GB of KV cache on
+a LLaVA-1.5-7B, which a 24 GB card running it in 4 bits can spare."""
 DEMO_MODEL = assets_dir() / "demo-model"
 """The small model the project trains and ships; served when no --model is given."""
 ENV_PREFIX = "MMCHAT_"
@@ -36,13 +39,15 @@ class ServeConfig:
     port: int = 7860
     share: bool = False
     """A temporary public gradio.live link (needs network)."""
-    max_sessions: int = 4
-    """Conversations that keep a KV cache; the least recently used drop theirs and are
-    re-prefilled when their user comes back. A LLaVA-7B cache costs ~0.5 MB per token."""
+    max_sessions: int = DEFAULT_MAX_BATCH
+    """Conversations that keep a KV cache between turns (answers in progress always keep theirs);
+    the least recently used drop theirs and are re-prefilled when their user comes back. A
+    LLaVA-7B cache costs ~0.5 MB per token."""
     max_conversations: int = 256
     """Conversations remembered at all (text and images at most twice the model's input size)."""
-    concurrency: int = 1
-    """Generations running at once; one per GPU is right, more only interleaves them."""
+    max_batch: int = DEFAULT_MAX_BATCH
+    """Answers decoded together (the page's and the API's), one LLM forward per step for all;
+    1 answers one at a time. Also the page queue's concurrency."""
     api: bool = True
     """Also serve the OpenAI-compatible routes (`/v1/models`, `/v1/chat/completions`) on the same port."""
     api_key: str | None = None
@@ -53,14 +58,9 @@ class ServeConfig:
             raise ValueError(f"--load-in {self.load_in!r}: choose one of {', '.join(LOAD_IN)}")
         if not 0 < self.port < 65536:
             raise ValueError(f"--port {self.port}: must be between 1 and 65535")
-        for name in ("max_sessions", "max_conversations", "concurrency"):
+        for name in ("max_sessions", "max_conversations", "max_batch"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be at least 1")
-        if self.max_sessions < self.concurrency:
-            raise ValueError(
-                f"--max-sessions {self.max_sessions} is below --concurrency {self.concurrency}: "
-                "each running generation needs its own cache. Raise --max-sessions or lower --concurrency."
-            )
         if self.max_conversations < self.max_sessions:
             raise ValueError(
                 f"--max-conversations {self.max_conversations} is below --max-sessions {self.max_sessions}; "
@@ -76,6 +76,11 @@ class ServeConfig:
 
 def on_spaces(environ: Mapping[str, str]) -> bool:
     return environ.get("SYSTEM") == "spaces" or bool(environ.get("SPACE_ID"))
+
+
+def on_zero_gpu(environ: Mapping[str, str]) -> bool:
+    """A ZeroGPU Space (as the `spaces` package tells: SPACES_ZERO_GPU=true)."""
+    return environ.get("SPACES_ZERO_GPU", "").lower() in ("1", "t", "true")
 
 
 def env_bool(name: str, value: str) -> bool:
@@ -99,7 +104,7 @@ def _defaults(environ: Mapping[str, str]) -> dict:
             continue
         if f.name in ("share", "api"):
             values[f.name] = env_bool(name, raw)
-        elif f.name in ("port", "max_sessions", "max_conversations", "concurrency"):
+        elif f.name in ("port", "max_sessions", "max_conversations", "max_batch"):
             try:
                 values[f.name] = int(raw)
             except ValueError:
@@ -132,8 +137,8 @@ def parse_args(argv: list[str] | None = None, environ: Mapping[str, str] | None 
                    help="conversations that keep a KV cache; least recently used are evicted (default: %(default)s)")
     p.add_argument("--max-conversations", type=int, default=d["max_conversations"],
                    help="conversations remembered at all (default: %(default)s)")
-    p.add_argument("--concurrency", type=int, default=d["concurrency"],
-                   help="generations at once; 1 suits one GPU (default: %(default)s)")
+    p.add_argument("--max-batch", type=int, default=d["max_batch"],
+                   help="answers decoded together, the page's and the API's (default: %(default)s; 1: one at a time)")
     p.add_argument("--api", action=argparse.BooleanOptionalAction, default=d["api"],
                    help="also serve the OpenAI-compatible API under /v1 on the same port (default: on)")
     p.add_argument("--api-key", default=d["api_key"],
@@ -141,6 +146,6 @@ def parse_args(argv: list[str] | None = None, environ: Mapping[str, str] | None 
     a = p.parse_args(argv)
     try:
         return ServeConfig(a.model, a.load_in, a.device, a.host, a.port, a.share, a.max_sessions,
-                           a.max_conversations, a.concurrency, api=a.api, api_key=a.api_key)
+                           a.max_conversations, a.max_batch, api=a.api, api_key=a.api_key)
     except ValueError as e:
         p.error(str(e))

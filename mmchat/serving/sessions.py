@@ -25,7 +25,8 @@ from typing import Iterator
 
 from PIL import Image
 
-from mmchat.chat import ChatSession, TurnStats
+from mmchat.answer import TurnStats
+from mmchat.chat import ChatSession
 from mmchat.conversation import ASSISTANT, USER, Message
 from mmchat.generate import GenerationConfig
 from mmchat.image import ImageError, load_image
@@ -226,7 +227,7 @@ class Conversation:
 
     def restart(self, template: str | None) -> None:
         """A new, empty conversation rendered with `template` (None: the checkpoint's)."""
-        self.session = ChatSession(self.session.model, template=template)
+        self.session = ChatSession(self.session.model, template=template, engine=self.session.engine)
         self.image_files.clear()
 
     def thread(self) -> list[Turn]:
@@ -242,13 +243,15 @@ class SessionPool:
     """Conversations by session key (Gradio's session hash), least recently used evicted."""
 
     def __init__(self, model: MultimodalModel, max_cached: int = 4, max_conversations: int = 256,
-                 wait_seconds: float = 30.0):
+                 wait_seconds: float = 30.0, engine=None):
         if not 1 <= max_cached <= max_conversations:
             raise ValueError(f"need 1 <= max_cached ({max_cached}) <= max_conversations ({max_conversations})")
         self.model = model
         self.max_cached = max_cached
         self.max_conversations = max_conversations
         self.wait_seconds = wait_seconds
+        self.engine = engine
+        """The `mmchat.engine.Engine` the conversations decode in (None: each answers on its own)."""
         self._conversations: OrderedDict[str, Conversation] = OrderedDict()
         self._cached: OrderedDict[str, None] = OrderedDict()  # keys whose session may hold a KV cache
         self._guard = threading.Lock()
@@ -263,7 +266,7 @@ class SessionPool:
         with self._guard:
             conversation = self._conversations.get(key)
             if conversation is None:
-                conversation = self._conversations[key] = Conversation(ChatSession(self.model))
+                conversation = self._conversations[key] = Conversation(ChatSession(self.model, engine=self.engine))
                 self._forget_oldest()
             self._conversations.move_to_end(key)
         if not conversation.lock.acquire(timeout=self.wait_seconds):
@@ -277,6 +280,9 @@ class SessionPool:
             yield conversation
         finally:
             conversation.lock.release()
+            if generate:  # answers that ran together may have left more caches than allowed
+                with self._guard:
+                    self._evict_caches()
 
     def conversation_for(self, key: str, history: History) -> Conversation:
         """The conversation a worker generates with: `key`'s own where it holds exactly `history`

@@ -9,9 +9,9 @@ Its thread owns the model. Each round it
    the prefill is done, chooses its first token and moves the newcomer into the batch (only when
    nobody is decoding does it prefill chunk after chunk: a long prompt then stalls no one);
 3. runs one decode step for the whole batch: one forward over one new token per conversation,
-   each attending to its own cached positions (`mmchat.kv_cache`: rows aligned at the end, the
-   padding masked, each row's own position ids). Finished answers leave between steps and take
-   their row back as their session's cache, so the next turn prefills only what is new.
+   each attending to its own cached positions (`mmchat.kv_cache.BatchCache`: a row per
+   conversation, its padding masked, its own position ids). Finished answers leave between steps
+   and take their row back as their session's cache, so the next turn prefills only what is new.
 
 Greedy answers equal each conversation's solo answer up to float rounding (a batched matmul sums
 in another order): in float32 only a near-tie of the two best logits can flip a token. A model
@@ -30,7 +30,7 @@ from typing import Iterator
 import torch
 
 from mmchat.answer import Answer
-from mmchat.kv_cache import cache_width, join_row, keep_rows, new_cache, padding_mask, take_row
+from mmchat.kv_cache import BatchCache, new_cache
 
 DEFAULT_PREFILL_CHUNK = 512
 """Positions per prefill forward while others decode: LLaVA-1.5's 576 image tokens take two."""
@@ -79,8 +79,8 @@ class Engine:
         # Owned by the engine's thread:
         self._prefilling: deque[_Request] = deque()
         self._running: list[_Request] = []
+        """In the batch's row order."""
         self._cache = None
-        self._starts: list[int] = []
 
     # -- the caller's side -----------------------------------------------------------------
     def run(self, session, view, answer: Answer) -> Iterator[str]:
@@ -150,7 +150,7 @@ class Engine:
                 for request in [*self._prefilling, *self._running]:
                     self._fail(request, e)
                 self._prefilling.clear()
-                self._running, self._cache, self._starts = [], None, []
+                self._running, self._cache = [], None
 
     def _emit(self, request: _Request, kind: str, value=None) -> None:
         request.events.put((kind, value))
@@ -210,10 +210,12 @@ class Engine:
 
     def _join(self, request: _Request) -> None:
         cache = request.session.lend_cache()
-        if not self._running:  # alone: the session's own cache is the batch, no copy
-            self._cache, self._starts = cache, [0]
+        if not self.batchable:  # alone by construction (`_room`): the session's own cache runs the steps
+            self._cache = cache
+        elif self._cache is None:
+            self._cache = BatchCache(cache, self.max_batch)
         else:
-            self._cache, self._starts = join_row(self._cache, self._starts, cache)
+            self._cache.add(cache)
         self._running.append(request)
         self.stats.largest_batch = max(self.stats.largest_batch, len(self._running))
         for r in self._running:
@@ -222,11 +224,9 @@ class Engine:
     def _decode_step(self) -> None:
         running, device = self._running, self.model.device
         ids = torch.tensor([[r.answer.token] for r in running], device=device)
-        width = cache_width(self._cache)
-        mask = padding_mask(self._starts, width, device)
-        positions = None if mask is None else torch.tensor([[width - s] for s in self._starts], device=device)
         tick = time.perf_counter()
         try:
+            mask, positions = self._cache.step_inputs(device) if self.batchable else (None, None)
             out = self.model.llm(input_ids=ids, attention_mask=mask, position_ids=positions, cache=self._cache,
                                  use_cache=True)
             logits = out.logits[:, -1]
@@ -235,10 +235,13 @@ class Engine:
         except Exception as e:  # the batch's cache is lost: every answer in it fails, the engine goes on
             for request in running:
                 self._fail(request, e)
-            self._running, self._cache, self._starts = [], None, []
+            self._running, self._cache = [], None
             return
         seconds = time.perf_counter() - tick
-        self._cache = out.cache
+        if self.batchable:
+            self._cache.advance()
+        else:
+            self._cache = out.cache
         self.stats.steps += 1
         self.stats.tokens += len(running)
         done = []
@@ -255,17 +258,16 @@ class Engine:
 
     def _leave(self, rows: list[int]) -> None:
         """Answers `rows` end: each takes its row back as its session's cache."""
-        stay = [i for i in range(len(self._running)) if i not in rows]
-        for i in rows:
+        for i in sorted(rows, reverse=True):  # from the end: the last row moves into each gap
             request = self._running[i]
-            if not stay and len(self._running) == 1 and self._starts[0] == 0:
-                cache = self._cache  # alone and unpadded: hand the cache back as it is
+            if self.batchable:
+                cache = self._cache.remove(i)
+                self._running[i] = self._running[-1]
+                self._running.pop()
             else:
-                cache = take_row(self._cache, i, self._starts[i])
+                cache, self._cache = self._cache, None
+                self._running.pop(i)
             request.session.return_cache(cache, request.fed)
             self._end(request)
-        if stay:
-            self._cache, self._starts = keep_rows(self._cache, stay, self._starts)
-        else:
-            self._cache, self._starts = None, []
-        self._running = [self._running[i] for i in stay]
+        if not self._running:
+            self._cache = None

@@ -73,15 +73,115 @@ def new_cache(llm_config) -> Cache | None:
 
 
 # -- batches of conversations (`mmchat.engine`) --------------------------------------------
-# A batch is one append-in-place cache whose rows are conversations of different lengths, aligned
-# at the end (left padding): row i holds its positions in columns [starts[i], width) and every
-# decode step appends one column for all rows. Joining and leaving copy the batch once; decode
-# steps copy nothing. Padding columns hold zeros (never garbage: a masked NaN would still poison
-# attention's weighted sum) and are masked out by `padding_mask`.
+class BatchCache(Cache):
+    """The KV caches of several conversations decoding together, one row each.
+
+    Row r holds its conversation's positions in columns [0, lens[r]) of one buffer per layer
+    (right padding); a decode step writes each row's new key and value at its own length, and
+    attention sees columns [0, max(lens)] with each row's padding masked (`step_inputs`). Joining
+    copies one row in and leaving copies one row out (the last row moves into the gap), so a
+    conversation's cost does not grow with the batch; the buffers grow by blocks, rarely.
+    Padding columns hold zeros, never garbage: a masked NaN would still poison attention's sum.
+    """
+
+    def __init__(self, first: Cache, max_rows: int):
+        self.max_rows = max_rows
+        self.lens: list[int] = [first.get_seq_length()]
+        self._at = None
+        """Where this step writes when rows differ in length: (row indices, their lengths); set by `step_inputs`."""
+        # The first conversation's own buffers become the batch's (one row, no copy): a user alone
+        # decodes exactly as a chat session does. More rows grow them (`_reserve`).
+        layers = [_own_buffers(layer) for layer in first.layers]
+        self._keys = [keys for keys, _ in layers]
+        self._values = [values for _, values in layers]
+        for store in (self._keys, self._values):
+            for buffer in store:
+                buffer[:, :, self.lens[0]:].zero_()  # spare room: garbage there would be read, masked
+        super().__init__(layers=[_BatchLayer(self, i) for i in range(len(layers))])
+
+    @property
+    def rows(self) -> int:
+        return len(self.lens)
+
+    @property
+    def width(self) -> int:
+        return max(self.lens)
+
+    def add(self, cache: Cache) -> int:
+        """Copy a one-row cache in as the last row; returns its row."""
+        length = cache.get_seq_length()
+        self._reserve(self.rows + 1, length + 1)
+        for layer, keys, values in zip(cache.layers, self._keys, self._values):
+            keys[self.rows, :, :length].copy_(layer.keys[0])
+            values[self.rows, :, :length].copy_(layer.values[0])
+            keys[self.rows, :, length:].zero_()  # what a row that left here wrote
+            values[self.rows, :, length:].zero_()
+        self.lens.append(length)
+        return self.rows - 1
+
+    def remove(self, row: int) -> Cache:
+        """Take row `row` out as a one-row append-in-place cache; the last row moves into its place."""
+        length, last = self.lens[row], self.rows - 1
+        if self.rows == 1 and self._keys[0].shape[0] == 1:  # the only row of one-row buffers: hand them over
+            self.lens.pop()
+            return Cache(layers=[_adopting(k, v, length) for k, v in zip(self._keys, self._values)])
+        out = Cache(layer_class_to_replicate=AppendInPlaceLayer)
+        for i, (keys, values) in enumerate(zip(self._keys, self._values)):
+            out.update(keys[row:row + 1, :, :length], values[row:row + 1, :, :length], i)
+            if row != last:
+                n = self.lens[last]
+                keys[row, :, :n].copy_(keys[last, :, :n])
+                values[row, :, :n].copy_(values[last, :, :n])
+                keys[row, :, n:length].zero_()
+                values[row, :, n:length].zero_()
+        self.lens[row] = self.lens[last]
+        self.lens.pop()
+        return out
+
+    def step_inputs(self, device) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(attention mask [rows, width + 1], position ids [rows, 1]) for a decode step; both None
+        when every row has the same length (nothing to mask: the plain single-sequence path)."""
+        self._reserve(self.rows, self.width + 1)
+        if len(set(self.lens)) == 1:
+            self._at = None  # every row writes the same column: a plain slice copy
+            return None, None
+        lens = torch.tensor(self.lens, device=device)
+        self._at = (torch.arange(self.rows, device=device), lens)
+        return (torch.arange(self.width + 1, device=device).unsqueeze(0) <= lens.unsqueeze(1)).long(), lens.unsqueeze(1)
+
+    def advance(self) -> None:
+        """After a decode step: every row is one position longer."""
+        self.lens = [n + 1 for n in self.lens]
+
+    def _reserve(self, rows: int, width: int) -> None:
+        have_rows, have_cap = self._keys[0].shape[0], self._keys[0].shape[2]
+        if rows <= have_rows and width <= have_cap:
+            return
+        new_rows = max(have_rows, min(self.max_rows, max(rows, 2 * have_rows)))
+        new_cap = have_cap if width <= have_cap else width + GROW_BLOCK
+        for store in (self._keys, self._values):
+            for i, old in enumerate(store):
+                grown = old.new_zeros((new_rows, old.shape[1], new_cap, old.shape[-1]))
+                grown[:have_rows, :, :have_cap].copy_(old)
+                store[i] = grown
 
 
-def _layer(keys: torch.Tensor, values: torch.Tensor, width: int) -> AppendInPlaceLayer:
-    """A layer adopting buffers `keys`/`values` whose first `width` positions are filled."""
+def _own_buffers(layer) -> tuple[torch.Tensor, torch.Tensor]:
+    """A one-row layer's key and value buffers with room to spare: an append-in-place layer's own,
+    else copies of any other layer's tensors."""
+    if isinstance(layer, AppendInPlaceLayer) and layer._views_own_buffer():
+        return layer._key_buffer, layer._value_buffer
+    length = layer.keys.shape[-2]
+    pair = []
+    for have in (layer.keys, layer.values):
+        buffer = have.new_zeros((1, have.shape[1], length + GROW_BLOCK, have.shape[-1]))
+        buffer[:, :, :length].copy_(have)
+        pair.append(buffer)
+    return pair[0], pair[1]
+
+
+def _adopting(keys: torch.Tensor, values: torch.Tensor, width: int) -> AppendInPlaceLayer:
+    """An append-in-place layer over buffers `keys`/`values` whose first `width` positions are filled."""
     layer = AppendInPlaceLayer()
     layer.lazy_initialization(keys[..., :0, :], values[..., :0, :])
     layer._key_buffer, layer._value_buffer = keys, values
@@ -89,64 +189,28 @@ def _layer(keys: torch.Tensor, values: torch.Tensor, width: int) -> AppendInPlac
     return layer
 
 
-def _buffer_like(t: torch.Tensor, rows: int, width: int) -> torch.Tensor:
-    return t.new_zeros((rows, t.shape[1], width + GROW_BLOCK, t.shape[-1]))
+class _BatchLayer(DynamicLayer):
+    """One layer of a `BatchCache`: writes each row's new position at that row's own length."""
 
+    def __init__(self, batch: BatchCache, index: int):
+        super().__init__()
+        self.batch, self.index = batch, index
+        self.is_initialized = True
 
-def cache_width(cache: Cache) -> int:
-    return cache.get_seq_length()
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if key_states.shape[-2] != 1:
+            raise ValueError("a BatchCache takes one new position per row (decode steps); prefill each row alone")
+        batch = self.batch
+        rows, width = batch.rows, batch.width
+        keys, values = batch._keys[self.index], batch._values[self.index]
+        if batch._at is None:
+            keys[:rows, :, width:width + 1].copy_(key_states)
+            values[:rows, :, width:width + 1].copy_(value_states)
+        else:
+            keys[batch._at[0], :, batch._at[1]] = key_states[:, :, 0]
+            values[batch._at[0], :, batch._at[1]] = value_states[:, :, 0]
+        self.keys, self.values = keys[:rows, :, :width + 1], values[:rows, :, :width + 1]
+        return self.keys, self.values
 
-
-def join_row(batch: Cache, starts: list[int], row: Cache) -> tuple[Cache, list[int]]:
-    """`batch` with the one-row cache `row` added as its last row, end-aligned with the others."""
-    width, length = cache_width(batch), cache_width(row)
-    new_width = max(width, length)
-    shift = new_width - width  # the batch's rows move right when the newcomer is longer
-    layers = []
-    for old, new in zip(batch.layers, row.layers):
-        rows = old.keys.shape[0]
-        pair = []
-        for have, add in ((old.keys, new.keys), (old.values, new.values)):
-            buffer = _buffer_like(have, rows + 1, new_width)
-            buffer[:rows, :, shift:new_width].copy_(have)
-            buffer[rows, :, new_width - length:new_width].copy_(add[0])
-            pair.append(buffer)
-        layers.append(_layer(*pair, new_width))
-    return Cache(layers=layers), [s + shift for s in starts] + [new_width - length]
-
-
-def keep_rows(batch: Cache, keep: list[int], starts: list[int]) -> tuple[Cache, list[int]]:
-    """`batch` with only rows `keep`, and the leading columns that only padding used dropped."""
-    width, first = cache_width(batch), min(starts[i] for i in keep)
-    index = torch.tensor(keep, device=batch.layers[0].keys.device)
-    layers = []
-    for old in batch.layers:
-        pair = []
-        for have in (old.keys, old.values):
-            buffer = _buffer_like(have, len(keep), width - first)
-            buffer[:, :, :width - first].copy_(have.index_select(0, index)[:, :, first:])
-            pair.append(buffer)
-        layers.append(_layer(*pair, width - first))
-    return Cache(layers=layers), [starts[i] - first for i in keep]
-
-
-def take_row(batch: Cache, i: int, start: int) -> Cache:
-    """Row `i` of `batch` (its positions from `start`) as a one-row cache of its own."""
-    width = cache_width(batch)
-    layers = []
-    for old in batch.layers:
-        pair = []
-        for have in (old.keys, old.values):
-            buffer = _buffer_like(have, 1, width - start)
-            buffer[:, :, :width - start].copy_(have[i:i + 1, :, start:])
-            pair.append(buffer)
-        layers.append(_layer(*pair, width - start))
-    return Cache(layers=layers)
-
-
-def padding_mask(starts: list[int], width: int, device) -> torch.Tensor | None:
-    """The 2-D attention mask [rows, width + 1] for a decode step (None when no row is padded)."""
-    if not any(starts):
-        return None
-    first = torch.tensor(starts, device=device).unsqueeze(1)
-    return (torch.arange(width + 1, device=device).unsqueeze(0) >= first).long()
+    def get_seq_length(self) -> int:
+        return self.batch.width

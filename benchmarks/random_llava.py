@@ -16,6 +16,19 @@ from mmchat.templates import IMAGE_TOKEN
 SPECIALS = ["<unk>", "<s>", "</s>", "<pad>"]
 
 
+# llava-hf/llava-1.5-7b-hf's chat_template.json: answers marked with {% generation %} and closed by
+# nothing (the model ends them with </s>); images before the text.
+LLAVA_15_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': '}}{% endif %}"
+    "{# Render all images first #}{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}"
+    "{{ '<image>\n' }}{% endfor %}{# Render all text next #}{% if message['role'] != 'assistant' %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] + ' '}}"
+    "{% endfor %}{% else %}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{% generation %}{{ content['text'] + ' '}}{% endgeneration %}{% endfor %}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+
+
 @dataclass
 class LlavaShape:
     """LLM and CLIP tower sizes (the defaults: SmolLM-135M's LLM shape, an 8k vocabulary,

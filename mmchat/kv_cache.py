@@ -157,7 +157,7 @@ class BatchCache(Cache):
         have_rows, have_cap = self._keys[0].shape[0], self._keys[0].shape[2]
         if rows <= have_rows and width <= have_cap:
             return
-        new_rows = max(have_rows, min(self.max_rows, max(rows, 2 * have_rows)))
+        new_rows = have_rows if rows <= have_rows else min(self.max_rows, max(rows, 2 * have_rows))
         new_cap = have_cap if width <= have_cap else width + GROW_BLOCK
         for store in (self._keys, self._values):
             for i, old in enumerate(store):

@@ -186,3 +186,55 @@ def test_sampling_follows_each_requests_seed_in_a_batch(model):
         engine.close()
     # Same seed, same conversation: the same draws (each answer has its own generator).
     assert together[1][0].answer_ids == alone[0].answer_ids
+
+
+def test_a_conversation_alone_decodes_in_its_own_buffers(model):
+    """Alone in a batch, a conversation's cache is used in place and handed back without a copy, also
+    after its buffers grew longer (rows grow only for more rows); a second row copies it in."""
+    from mmchat.kv_cache import BatchCache, new_cache
+
+    def prefilled(length: int):
+        out = model.llm(input_ids=torch.arange(5, 5 + length).unsqueeze(0), cache=new_cache(model.llm.config),
+                        use_cache=True, logits_to_keep=1)
+        return out.cache
+
+    with torch.inference_mode():
+        own = prefilled(20)
+        buffer = own.layers[0]._key_buffer
+        batch = BatchCache(own, max_rows=16)
+        assert batch._keys[0] is buffer
+        batch._reserve(1, buffer.shape[2] + 1)  # a long answer outgrows the spare room
+        assert batch._keys[0].shape[0] == 1, "growing longer must not add rows"
+        back = batch.remove(0)
+        assert back.layers[0]._key_buffer is batch._keys[0] and back.get_seq_length() == 20
+        assert torch.equal(back.layers[0].keys, own.layers[0].keys)
+
+        two = BatchCache(prefilled(7), max_rows=16)
+        two.add(prefilled(12))
+        assert two.lens == [7, 12] and two._keys[0].shape[0] == 2
+        mask, positions = two.step_inputs("cpu")
+        assert mask.tolist() == [[1] * 8 + [0] * 5, [1] * 13] and positions.tolist() == [[7], [12]]
+        first = two.remove(0)  # the last row moves into the gap
+        assert two.lens == [12] and first.get_seq_length() == 7
+
+
+def test_a_long_answer_in_the_batch_keeps_the_cache_as_a_session_alone_does(model):
+    """Past the buffers' spare room: the handed-back cache holds what a session alone would hold,
+    so the next turn prefills the same tokens (the answer's text re-tokenised may differ from its
+    ids, in which case both re-prefill from there)."""
+    long = GenerationConfig(max_new_tokens=300, temperature=0, repetition_penalty=1.3)
+    engine = Engine(model, max_batch=16)
+    try:
+        runs = []
+        for session in (ChatSession(model), ChatSession(model, engine=engine)):
+            stats = []
+            for text, gen in (("Hi.", GREEDY), ("Now a long one.", long), ("And?", GREEDY)):
+                "".join(session.ask(text, None, gen))
+                stats.append(session.last_stats)
+                assert session.cached_tokens == session._cache.get_seq_length()
+            runs.append(stats)
+    finally:
+        engine.close()
+    alone, batched = runs
+    assert alone[1].new_tokens > 256 and batched[1].answer_ids == alone[1].answer_ids
+    assert [s.prefill_tokens for s in batched] == [s.prefill_tokens for s in alone]

@@ -24,6 +24,7 @@ import torch
 from matplotlib import cbook
 
 from benchmarks.agreement import TOLERANCE, compare_turn
+from benchmarks.random_llava import LLAVA_15_CHAT_TEMPLATE
 from mmchat.checkpoint import read_config
 from mmchat.convert.cli import main
 from mmchat.image import load_image, preprocess
@@ -31,17 +32,8 @@ from mmchat.templates import IMAGE_TOKEN, resolve_template
 from test_chat_templates import GEMMA, LLAMA_3, LLAVA_INTERLEAVE_QWEN, PHI_3
 from tiny_models import build_chat_tokenizer, build_llava_family
 
-# llava-hf/llava-1.5-7b-hf's chat_template.json (bakLlava-v1-hf has the same): answers are marked
-# with {% generation %} and closed by nothing; the model ends them with </s>.
-LLAVA_15 = (
-    "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': '}}{% endif %}"
-    "{# Render all images first #}{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}"
-    "{{ '<image>\n' }}{% endfor %}{# Render all text next #}{% if message['role'] != 'assistant' %}"
-    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] + ' '}}"
-    "{% endfor %}{% else %}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
-    "{% generation %}{{ content['text'] + ' '}}{% endgeneration %}{% endfor %}{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
-)
+# llava-hf/llava-1.5-7b-hf's chat_template.json (bakLlava-v1-hf has the same).
+LLAVA_15 = LLAVA_15_CHAT_TEMPLATE
 QUESTIONS = ("What is shown in this photo?", "Describe it in a few words.")
 CORPUS = [" ".join(QUESTIONS) + " USER: ASSISTANT: system user assistant model a the photo of is it person",
           "<>|_:;,.!?'-\"[]{}0123456789\n\n"] * 4

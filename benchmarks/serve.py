@@ -347,7 +347,7 @@ def run(cfg: ServeBenchConfig) -> dict:
                                       "mmchat", cfg.new_tokens)
         progress("one user in this process: a chat session alone vs through the engine")
         solo = solo_vs_engine(folder, work, plan["single"].questions, data_url_image(plan["single"].picture),
-                              cfg.new_tokens, cfg.threads, rounds=1 if cfg.quick else 3)
+                              cfg.new_tokens, cfg.threads, rounds=1 if cfg.quick else 5)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return {"config": {**asdict(cfg), "out": str(cfg.out)}, "shape": cfg.shape.describe(), "machine": machine(),

@@ -52,8 +52,9 @@ def target_lines(data: dict) -> list[str]:
     if r.get("one_user_decode") is not None:
         solo = data["one_user_decode"]
         lines.append(f"one user's decode in this process, through the engine ÷ a chat session alone: "
-                     f"{solo['engine']['decode_tokens_per_s']:.1f} ÷ {solo['alone']['decode_tokens_per_s']:.1f} tok/s = "
-                     f"{r['one_user_decode']:.2f}× (target ≥ {TARGETS['one_user_decode']:g}×) {verdict('one_user_decode')}")
+                     f"{solo['engine']['decode_tokens_per_s']:.1f} ÷ {solo['alone']['decode_tokens_per_s']:.1f} tok/s, "
+                     f"median of {solo['rounds']} paired rounds {r['one_user_decode']:.2f}× "
+                     f"(target ≥ {TARGETS['one_user_decode']:g}×) {verdict('one_user_decode')}")
     return lines
 
 

@@ -56,7 +56,8 @@ def test_serve_benchmark_quick(tmp_path):
 
     solo = data["one_user_decode"]  # one conversation in-process: alone, then through the engine
     assert 0 < solo["alone"]["tokens"] == solo["engine"]["tokens"] <= 4 * (cfg["new_tokens"] - 1)
-    assert solo["ratio"] == pytest.approx(solo["engine"]["decode_tokens_per_s"] / solo["alone"]["decode_tokens_per_s"])
+    assert solo["rounds"] == 1 and solo["ratio"] == pytest.approx(
+        solo["engine"]["decode_tokens_per_s"] / solo["alone"]["decode_tokens_per_s"])
     assert "through the engine ÷ a chat session alone" in done.stdout
 
     assert (tmp_path / "serve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -125,14 +126,15 @@ def test_report_picks_the_better_transformers_mode_and_fails_on_a_real_disagreem
             "agreement": {"mmchat-unbatched": agreement([]), "transformers": agreement([]),
                           "transformers-cb": agreement([])},
             "one_user_decode": {"alone": {"decode_tokens_per_s": 50.0}, "engine": {"decode_tokens_per_s": 51.0},
-                                "ratio": 1.02}}
+                                "ratio": 1.02, "rounds": 3}}
     assert report(data, tmp_path) == 0
     out = capsys.readouterr().out
     assert out.strip().splitlines()[-1] == ("headline: 8 users: mmchat 120.0 tok/s ÷ transformers serve "
                                             "(better mode: --continuous-batching) 40.0 tok/s = 3.00×")
     assert "mmchat with batching off: 3.00× (target ≥ 4×) short" in out
     assert "transformers serve (--continuous-batching) ÷ mmchat: 8.0× (target ≥ 5×) PASS" in out
-    assert "through the engine ÷ a chat session alone: 51.0 ÷ 50.0 tok/s = 1.02× (target ≥ 1×) PASS" in out
+    assert ("through the engine ÷ a chat session alone: 51.0 ÷ 50.0 tok/s, median of 3 paired rounds 1.02× "
+            "(target ≥ 1×) PASS") in out
     assert data["summary"]["targets_met"] == {"vs_transformers": True, "vs_unbatched": False,
                                               "ttft_vs_transformers": True, "one_user_decode": True}
 

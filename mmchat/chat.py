@@ -19,7 +19,7 @@ from PIL import Image
 from mmchat.answer import Answer, TurnStats
 from mmchat.conversation import ASSISTANT, USER, Message, Rendered, render
 from mmchat.generate import GenerationConfig, stop_ids
-from mmchat.image import load_image, preprocess
+from mmchat.image import load_image
 from mmchat.kv_cache import new_cache
 from mmchat.model import MultimodalModel
 from mmchat.templates import resolve_template
@@ -35,6 +35,8 @@ class _Image:
     """Unique within its session: cache keys name image slots by it."""
     image: Image.Image
     features: torch.Tensor | None = None  # [T, H], computed once
+    tokens: int | None = None
+    """Its image slots in a prompt (`MultimodalModel.image_token_counts`), asked once."""
     key: str | None = None
     """The caller's identity for the image's content (`answer`: a hash), so a re-sent image keeps its uid."""
 
@@ -117,7 +119,7 @@ class ChatSession:
         saved = self._template
         self._template = template
         try:
-            rendered = self._render(messages)
+            rendered = self._render(messages, images=new_images)
         except ValueError:
             self._template = saved
             raise
@@ -186,9 +188,21 @@ class ChatSession:
         return [im.image for im in self._images]
 
     # -- rendering ---------------------------------------------------------------------
-    def _render(self, messages: list[Message], generation_prompt: bool = True) -> Rendered:
-        return render(messages, self._template, self.model.tokenizer, self.model.image_tokens,
+    def _render(self, messages: list[Message], generation_prompt: bool = True,
+                images: list[_Image] | None = None) -> Rendered:
+        """`images`: those of `messages` in order; None: the session's first ones (a prefix of the history)."""
+        if images is None:
+            images = self._images[:sum(m.images for m in messages)]
+        return render(messages, self._template, self.model.tokenizer, self._image_tokens(images),
                       add_generation_prompt=generation_prompt, image_token_id=self.model.config.image_token_id)
+
+    def _image_tokens(self, images: list[_Image]) -> list[int]:
+        """Each image's own slot count, asked of the model once per image."""
+        todo = [im for im in images if im.tokens is None]
+        if todo:
+            for im, count in zip(todo, self.model.image_token_counts([im.image for im in todo]), strict=True):
+                im.tokens = count
+        return [im.tokens for im in images]
 
     def _render_for_generation(self, gen: GenerationConfig) -> "_View":
         """Render the history, dropping the oldest turns (never the system prompt) to fit."""
@@ -196,7 +210,7 @@ class ChatSession:
         first, images_before = 0, 0
         while True:
             view = self.messages[first:]
-            rendered = self._render(view)
+            rendered = self._render(view, images=self._images[images_before:])
             if len(rendered) + min(gen.max_new_tokens, 16) <= limit or len(view) == 1:
                 break
             images_before += view[0].images + view[1].images
@@ -213,20 +227,23 @@ class ChatSession:
 
     # -- the model ---------------------------------------------------------------------
     def _keys(self, view: "_View") -> list:
+        """A cache key per position: the token id, or ("img", uid) on each of that image's own slots."""
+        slots = [("img", im.uid) for im in view.images for _ in range(im.tokens)]
+        assert len(slots) == sum(view.rendered.image_mask), "the view was rendered with its images' counts"
         keys, slot = [], 0
-        tokens = self.model.image_tokens
         for tok, is_image in zip(view.rendered.input_ids, view.rendered.image_mask):
-            keys.append(("img", view.images[slot // tokens].uid) if is_image else tok)
+            keys.append(slots[slot] if is_image else tok)
             slot += is_image
         return keys
 
-    def _features(self, images: list[_Image]) -> torch.Tensor:
-        """Projected features [len(images) * T, H], encoding only images not seen before."""
+    def _features(self, images: list[_Image]) -> torch.Tensor | None:
+        """Projected features [sum of the images' counts, H] in order, encoding only images not seen before."""
         todo = [im for im in images if im.features is None]
-        if todo:
-            pixels = torch.stack([preprocess(im.image, self.model.config.vision) for im in todo])
-            for im, feats in zip(todo, self.model.encode_images(pixels)):
-                im.features = feats
+        for im, feats in zip(todo, self.model.encode_each([im.image for im in todo]) if todo else [], strict=True):
+            if feats.shape[0] != im.tokens:
+                raise ValueError(f"the model encoded an image into {feats.shape[0]} features but counts "
+                                 f"{im.tokens} slots for it (image_token_counts); they must agree")
+            im.features = feats
         return torch.cat([im.features for im in images]) if images else None
 
     @torch.inference_mode()
@@ -249,7 +266,7 @@ class ChatSession:
         while True:
             end = len(keys) if chunk is None else min(len(keys), start + chunk)
             slots = sum(mask[start:end])
-            feats = rows[row:row + slots].unsqueeze(0) if slots else None
+            feats = rows[row:row + slots] if slots else None  # [slots, H]: may start or end inside an image
             embeds = self.model.embed(torch.tensor([ids[start:end]], device=self.model.device),
                                       torch.tensor([mask[start:end]], device=self.model.device), feats)
             # Only the last position's logits are needed: skips a [L, vocab] projection (as `generate` does).

@@ -6,6 +6,8 @@ re-tokenising pieces of the prompt (LLaVA's "tokenization mismatch" bug).
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from numbers import Integral
+from typing import Sequence
 
 from mmchat.templates import (  # noqa: F401  (Message and the role names are used from here too)
     ANSWER,
@@ -29,7 +31,7 @@ _ROLES = {**LLAVA_ROLES, USER: USER, ASSISTANT: ASSISTANT}
 
 @dataclass
 class Rendered:
-    """A tokenised conversation; image slots already expanded to `image_tokens` each."""
+    """A tokenised conversation; each image's slot already expanded to that image's token count."""
 
     input_ids: list[int] = field(default_factory=list)
     labels: list[int] = field(default_factory=list)
@@ -85,11 +87,26 @@ def check_roles(messages: list[Message], add_generation_prompt: bool) -> None:
         raise ValueError("a generation prompt needs the conversation to end with a user message")
 
 
+def image_slot_counts(image_tokens: int | Sequence[int], images: int) -> list[int]:
+    """Each image's number of slots, in conversation order: `image_tokens` is one count for every
+    image (LLaVA-1.5: 576) or one count per image (AnyRes: from each image's size)."""
+    if isinstance(image_tokens, Integral):
+        counts = [int(image_tokens)] * images
+    else:
+        counts = [int(c) for c in image_tokens]
+        if len(counts) != images:
+            raise ValueError(f"the conversation has {images} image(s) but {len(counts)} image token count(s) "
+                             f"were given: {counts}")
+    if any(c < 1 for c in counts):
+        raise ValueError(f"every image needs at least one image token; got counts {counts}")
+    return counts
+
+
 def render(
     messages: list[Message],
     template: Template,
     tokenizer,
-    image_tokens: int,
+    image_tokens: int | Sequence[int],
     add_generation_prompt: bool = False,
     image_token_id: int | None = None,
     escape: bool = True,
@@ -98,33 +115,35 @@ def render(
 
     The prompt is split at image slots; each text chunk is tokenised whole without special
     tokens (LLaVA's `tokenizer_image_token`), one BOS goes first, and each slot becomes
-    `image_tokens` positions. Labels are the token ids on answer text (answers and their
+    `image_tokens` positions: one count for every image, or a list of each image's count in
+    order (see `image_slot_counts`). Labels are the token ids on answer text (answers and their
     closing `</s>`), IGNORE_INDEX elsewhere. The `chat` style is tokenised as transformers
     does (`_render_chat`).
     """
     check_roles(messages, add_generation_prompt)
+    counts = image_slot_counts(image_tokens, sum(m.images for m in messages))
     if escape:
         specials = list(tokenizer.all_special_tokens) + list(tokenizer.get_added_vocab())
         messages = [Message(m.role, escape_special_text(m.text, specials), m.images) for m in messages]
         if template.system:  # a system prompt may be typed too (the API's system message)
             template = replace(template, system=escape_special_text(template.system, specials))
     if template.style == CHAT:
-        return _render_chat(messages, template, tokenizer, image_tokens, add_generation_prompt, image_token_id)
+        return _render_chat(messages, template, tokenizer, counts, add_generation_prompt, image_token_id)
     slot_id = image_token_id if image_token_id is not None else _placeholder_id(tokenizer)
     out = Rendered()
     if tokenizer.bos_token_id is not None:
         _append(out, [tokenizer.bos_token_id], labelled=[False])
     chunk: list[Segment] = []
+    per_image = iter(counts)
     for seg in segments(template, messages, add_generation_prompt):
         if seg.kind != IMAGE:
             chunk.append(seg)
             continue
         _tokenise_chunk(out, chunk, tokenizer)
         chunk = []
-        out.input_ids += [slot_id] * image_tokens
-        out.labels += [IGNORE_INDEX] * image_tokens
-        out.image_mask += [True] * image_tokens
+        _append_slots(out, slot_id, next(per_image))
     _tokenise_chunk(out, chunk, tokenizer)
+    assert next(per_image, None) is None, "the template wrote fewer image segments than the messages hold"
     return out
 
 
@@ -133,6 +152,12 @@ def _placeholder_id(tokenizer) -> int:
         if candidate is not None:
             return candidate
     return 0
+
+
+def _append_slots(out: Rendered, slot_id: int, count: int) -> None:
+    out.input_ids += [slot_id] * count
+    out.labels += [IGNORE_INDEX] * count
+    out.image_mask += [True] * count
 
 
 def _append(out: Rendered, ids: list[int], labelled: list[bool]) -> None:
@@ -170,14 +195,14 @@ def _in_answer(start: int, end: int, spans: list[tuple[int, int]]) -> bool:
 
 
 
-def _render_chat(messages: list[Message], template: Template, tokenizer, image_tokens: int,
+def _render_chat(messages: list[Message], template: Template, tokenizer, counts: list[int],
                  add_generation_prompt: bool, image_token_id: int | None) -> Rendered:
     """`chat` style: the Jinja-rendered string tokenised as transformers tokenises it.
 
     Special tokens follow `processor.apply_chat_template(..., tokenize=True)`: the tokenizer's own
     (`add_special_tokens=True`: LLaMA's BOS, none for Qwen), except no second BOS when the
     template writes one itself (Llama-3, Gemma). When the tokenizer has `<image>` as a token
-    (llava-hf's do), each placeholder becomes `image_tokens` copies of it and the whole string is
+    (llava-hf's do), placeholder k becomes `counts[k]` copies of it and the whole string is
     tokenised in one call, as llava-hf processors do: the ids equal
     `tokenizer(expanded_prompt)`. Otherwise the string is split at the placeholders and each
     piece tokenised alone (LLaVA's `tokenizer_image_token`); then a sentencepiece tokenizer puts
@@ -186,17 +211,17 @@ def _render_chat(messages: list[Message], template: Template, tokenizer, image_t
     text, spans = chat_text(template, messages, tokenizer, add_generation_prompt)
     special = not (tokenizer.bos_token and text.startswith(tokenizer.bos_token))
     if IMAGE_TOKEN in tokenizer.get_added_vocab():
-        return _chat_one_call(text, spans, tokenizer, image_tokens, special, image_token_id)
+        return _chat_one_call(text, spans, tokenizer, counts, special, image_token_id)
     out = Rendered()
     prefix, suffix = _special_affixes(tokenizer) if special else ([], [])
     _append(out, prefix, [False] * len(prefix))
     slot_id = image_token_id if image_token_id is not None else _placeholder_id(tokenizer)
     pos = 0
-    for k, piece in enumerate(text.split(IMAGE_TOKEN)):
+    pieces = text.split(IMAGE_TOKEN)
+    assert len(pieces) == len(counts) + 1, "chat_text checks one placeholder per image"
+    for k, piece in enumerate(pieces):
         if k:
-            out.input_ids += [slot_id] * image_tokens
-            out.labels += [IGNORE_INDEX] * image_tokens
-            out.image_mask += [True] * image_tokens
+            _append_slots(out, slot_id, counts[k - 1])
             pos += len(IMAGE_TOKEN)
         _tokenise_text(out, piece, spans, tokenizer, offset=pos)
         pos += len(piece)
@@ -204,12 +229,16 @@ def _render_chat(messages: list[Message], template: Template, tokenizer, image_t
     return out
 
 
-def _chat_one_call(text: str, spans: list[tuple[int, int]], tokenizer, image_tokens: int, special: bool,
+def _chat_one_call(text: str, spans: list[tuple[int, int]], tokenizer, counts: list[int], special: bool,
                    image_token_id: int | None) -> Rendered:
     pieces = text.split(IMAGE_TOKEN)
-    expanded = (IMAGE_TOKEN * image_tokens).join(pieces)
-    grow = (image_tokens - 1) * len(IMAGE_TOKEN)  # characters each placeholder gains
-    spans = [(a + grow * text.count(IMAGE_TOKEN, 0, a), b + grow * text.count(IMAGE_TOKEN, 0, a)) for a, b in spans]
+    assert len(pieces) == len(counts) + 1, "chat_text checks one placeholder per image"
+    expanded = pieces[0] + "".join(IMAGE_TOKEN * n + piece for n, piece in zip(counts, pieces[1:]))
+
+    def grown(a: int) -> int:  # characters the placeholders before position `a` gain by expanding
+        return sum((n - 1) * len(IMAGE_TOKEN) for n in counts[:text.count(IMAGE_TOKEN, 0, a)])
+
+    spans = [(a + grown(a), b + grown(a)) for a, b in spans]
     enc = tokenizer(expanded, add_special_tokens=special, return_offsets_mapping=True)
     image_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
     out = Rendered()
@@ -218,8 +247,8 @@ def _chat_one_call(text: str, spans: list[tuple[int, int]], tokenizer, image_tok
         out.input_ids.append(image_token_id if is_image and image_token_id is not None else tok)
         out.labels.append(tok if not is_image and _in_answer(start, end, spans) else IGNORE_INDEX)
         out.image_mask.append(is_image)
-    if sum(out.image_mask) != image_tokens * (len(pieces) - 1):
-        raise ValueError(f"{len(pieces) - 1} image(s) need {image_tokens * (len(pieces) - 1)} {IMAGE_TOKEN} tokens "
+    if sum(out.image_mask) != sum(counts):
+        raise ValueError(f"{len(counts)} image(s) need {sum(counts)} {IMAGE_TOKEN} tokens ({counts}) "
                          f"but tokenizer {tokenizer.name_or_path!r} made {sum(out.image_mask)}")
     return out
 

@@ -3,12 +3,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import torch
+from PIL import Image
 from torch import nn
 
 from mmchat.checkpoint import read_config, read_projector_state, resolve_path
 from mmchat.config import LOAD_IN, ModelConfig
+from mmchat.image import preprocess
 from mmchat.projector import build_projector
 from mmchat.vision import image_features, load_vision_tower, num_image_tokens
 
@@ -71,18 +74,33 @@ class MultimodalModel(nn.Module):
         out = self.projector(feats.to(proj_param.device, proj_param.dtype))
         return out.to(self.llm.get_input_embeddings().weight.dtype)
 
-    def embed(self, input_ids: torch.Tensor, image_mask: torch.Tensor, features: torch.Tensor | None) -> torch.Tensor:
-        """Token embeddings [B, L, H] with image slots replaced by `features` [N, T, H] in order."""
+    def image_token_counts(self, images: Sequence[Image.Image]) -> list[int]:
+        """Slots each image takes in a prompt, in order (what `render` is given). LLaVA-1.5 squashes
+        every image to one tower-sized square, so each takes `image_tokens`; an AnyRes model's count
+        depends on the image's size."""
+        return [self.image_tokens] * len(images)
+
+    def encode_each(self, images: Sequence[Image.Image]) -> list[torch.Tensor]:
+        """Images -> each one's projected features [T_i, H], T_i its `image_token_counts` entry."""
+        if not images:
+            return []
+        return list(self.encode_images(torch.stack([preprocess(im, self.config.vision) for im in images])))
+
+    def embed(self, input_ids: torch.Tensor, image_mask: torch.Tensor,
+              features: torch.Tensor | Sequence[torch.Tensor] | None) -> torch.Tensor:
+        """Token embeddings [B, L, H] with the image slots (row by row) replaced by image features in order.
+
+        `features`: [N, T, H] (N images of T tokens each), a list of [T_i, H] (each image its own
+        count), [sum T_i, H] (already concatenated), or None when there are no slots.
+        """
         embeds = self.llm.get_input_embeddings()(input_ids)
-        slots = int(image_mask.sum())
-        given = 0 if features is None else features.shape[0] * features.shape[1]
+        rows, described = _feature_rows(features)
+        slots, given = int(image_mask.sum()), 0 if rows is None else rows.shape[0]
         if slots != given:
-            raise ValueError(
-                f"image slots and image features disagree: {slots} slot positions vs {given} feature vectors "
-                f"({0 if features is None else features.shape[0]} images × {self.image_tokens} tokens)"
-            )
+            raise ValueError(f"image slots and image features disagree: {slots} slot positions vs {given} "
+                             f"feature vectors ({described})")
         if slots:
-            embeds = embeds.masked_scatter(image_mask.unsqueeze(-1), features.reshape(-1, features.shape[-1]).to(embeds.dtype))
+            embeds = embeds.masked_scatter(image_mask.unsqueeze(-1), rows.to(embeds.dtype))
         return embeds
 
     def forward(self, input_ids, image_mask, attention_mask=None, pixel_values=None, labels=None, **llm_kwargs):
@@ -90,6 +108,23 @@ class MultimodalModel(nn.Module):
         features = self.encode_images(pixel_values) if pixel_values is not None and len(pixel_values) else None
         embeds = self.embed(input_ids, image_mask, features)
         return self.llm(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels, **llm_kwargs)
+
+
+def _feature_rows(features) -> tuple[torch.Tensor | None, str]:
+    """`embed`'s features as one [sum T_i, H] tensor (None: no features) and words for an error."""
+    if features is None:
+        return None, "no images"
+    if isinstance(features, torch.Tensor) and features.dim() == 3:
+        return features.reshape(-1, features.shape[-1]), f"{features.shape[0]} images × {features.shape[1]} tokens"
+    if isinstance(features, torch.Tensor) and features.dim() == 2:
+        return features, f"[{features.shape[0]}, {features.shape[1]}] concatenated features"
+    if isinstance(features, torch.Tensor):
+        raise ValueError(f"image features of shape {tuple(features.shape)}; expected [N, T, H] or [sum T_i, H]")
+    if any(f.dim() != 2 for f in features):
+        raise ValueError(f"image features of shapes {[tuple(f.shape) for f in features]}; expected [T_i, H] each")
+    counts = [f.shape[0] for f in features]
+    described = f"{len(counts)} images of {' + '.join(map(str, counts)) or 0} tokens"
+    return (torch.cat(list(features)) if counts else None), described
 
 
 def quantization_config(options: LoadOptions):

@@ -10,8 +10,9 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
+from numbers import Integral
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -134,12 +135,22 @@ def render_record(record: dict, settings: RenderSettings) -> Rendered:
                   image_token_id=settings.image_token_id)
 
 
-def truncate(rendered: Rendered, max_length: int, image_tokens: int) -> Rendered:
-    """The first `max_length` positions; an image whose slots would be cut goes whole."""
+def truncate(rendered: Rendered, max_length: int, image_tokens: int | Sequence[int]) -> Rendered:
+    """The first `max_length` positions; an image whose slots would be cut goes whole.
+
+    `image_tokens` is what `render` was given: one count for every image, or each image's in order.
+    """
     if len(rendered) <= max_length:
         return rendered
-    cut = max_length
-    cut -= sum(rendered.image_mask[:cut]) % image_tokens  # a partial image span ends at the cut
+    partial = sum(rendered.image_mask[:max_length])  # slots before the cut, less those of whole images
+    if isinstance(image_tokens, Integral):
+        partial %= int(image_tokens)
+    else:
+        for count in image_tokens:
+            if partial < count:
+                break
+            partial -= count
+    cut = max_length - partial  # a partial image span ends at the cut
     return Rendered(rendered.input_ids[:cut], rendered.labels[:cut], rendered.image_mask[:cut])
 
 

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from mmchat.config import CLIP_MEAN, CLIP_STD
+from mmchat.config import CLIP_MEAN, CLIP_STD, VisionConfig
 
 Size = tuple[int, int]
 """(height, width), in pixels; transformers' order for `image_sizes` and pinpoints."""
@@ -99,6 +99,15 @@ def settings_from_transformers(config: Any, image_processor: Any) -> AnyresSetti
         tile_size=tile, patch_size=patch, pinpoints=tuple((int(h), int(w)) for h, w in config.image_grid_pinpoints),
         max_tiles=max_tiles, image_mean=tuple(image_processor.image_mean), image_std=tuple(image_processor.image_std),
     )
+
+
+def settings_from_config(vision: VisionConfig, patch_size: int) -> AnyresSettings:
+    """Settings of an mmchat checkpoint's `vision` config (with `anyres`) on a tower of `patch_size`."""
+    if vision.anyres is None:
+        raise ValueError("this vision config has no anyres settings: its images are one square each")
+    return AnyresSettings(tile_size=vision.image_size, patch_size=patch_size,
+                          pinpoints=tuple((h, w) for h, w in vision.anyres.pinpoints),
+                          max_tiles=vision.anyres.max_tiles, image_mean=vision.mean, image_std=vision.std)
 
 
 # ---- the grid ---------------------------------------------------------------------------------

@@ -21,6 +21,28 @@ LOAD_IN = ("4bit", "8bit", "16bit", "32bit")
 
 
 @dataclass
+class AnyresConfig:
+    """LLaVA-NeXT's AnyRes (OneVision's anyres_max_N with `max_tiles`): each image is read as the whole
+    image squashed to one `image_size` tile plus a grid of tiles chosen from `pinpoints`, the tiles'
+    feature maps stitched, cropped to the image and ended row by row with the projector's learned
+    `image_newline` (`mmchat.anyres`). Tiles are preprocessed as transformers' default (torchvision)
+    image processor does, bicubic, with this VisionConfig's mean and std; the other preprocessing fields
+    do not apply."""
+
+    pinpoints: list[list[int]]
+    """Grid resolutions (height, width) in pixels, multiples of `image_size` (`image_grid_pinpoints`)."""
+    max_tiles: int | None = None
+    """OneVision's anyres_max_N: maps larger than about N tiles are shrunk bilinearly; None: LLaVA-NeXT."""
+
+    def __post_init__(self) -> None:
+        self.pinpoints = [[int(h), int(w)] for h, w in self.pinpoints]
+        if not self.pinpoints:
+            raise ValueError("anyres pinpoints=[]: give at least one (height, width) grid resolution")
+        if self.max_tiles is not None and self.max_tiles < 1:
+            raise ValueError(f"anyres max_tiles={self.max_tiles}: use a positive N (anyres_max_N) or null")
+
+
+@dataclass
 class VisionConfig:
     open_clip_model: str = "ViT-L-14-336"
     """open_clip architecture name (informative when the weights live in the checkpoint)."""
@@ -61,6 +83,8 @@ class VisionConfig:
     convert_rgb: bool = True
     """Convert other modes to RGB (alpha on white). `load_image` always does; False makes
     `preprocess` refuse a non-RGB image instead (transformers' `do_convert_rgb`)."""
+    anyres: AnyresConfig | None = None
+    """LLaVA-NeXT / OneVision tiling; None: one `image_size` square per image (LLaVA-1.5)."""
 
     def __post_init__(self) -> None:
         if self.select_feature not in SELECT_FEATURES:
@@ -83,6 +107,15 @@ class VisionConfig:
         if self.shortest_edge is not None and self.shortest_edge < self.image_size:
             raise ValueError(f"shortest_edge={self.shortest_edge} is below image_size={self.image_size}: the crop would not fit")
         self.mean, self.std = tuple(self.mean), tuple(self.std)
+        if isinstance(self.anyres, dict):
+            self.anyres = AnyresConfig(**self.anyres)
+        if self.anyres is not None:
+            if self.select_feature == "cls":
+                raise ValueError("vision select_feature='cls' with anyres: tiles are stitched from their patch grids; "
+                                 "use patch or cls_patch")
+            bad = [p for p in self.anyres.pinpoints if p[0] <= 0 or p[1] <= 0 or p[0] % self.image_size or p[1] % self.image_size]
+            if bad:
+                raise ValueError(f"anyres pinpoint {bad[0]} is not a positive multiple of image_size={self.image_size}")
 
     @property
     def layers(self) -> list[int]:

@@ -9,11 +9,15 @@ import torch
 from PIL import Image
 from torch import nn
 
+from mmchat import anyres
 from mmchat.checkpoint import read_config, read_projector_state, resolve_path
 from mmchat.config import LOAD_IN, ModelConfig
 from mmchat.image import preprocess
 from mmchat.projector import build_projector
-from mmchat.vision import image_features, load_vision_tower, num_image_tokens
+from mmchat.vision import image_features, load_vision_tower, num_image_tokens, patch_size
+
+IMAGE_NEWLINE = "image_newline"
+"""An AnyRes model's learned row-end vector [H], kept on the projector (so in `projector.safetensors`)."""
 
 
 @dataclass
@@ -53,6 +57,15 @@ class MultimodalModel(nn.Module):
         self.projector = projector
         self.llm = llm
         self.tokenizer = tokenizer
+        self.anyres = None if config.vision.anyres is None else anyres.settings_from_config(config.vision, patch_size(vision))
+        if self.anyres is not None:
+            tokens = num_image_tokens(vision, config.vision)
+            if tokens != self.anyres.grid ** 2:
+                raise ValueError(f"anyres tiles are stitched from {self.anyres.grid}x{self.anyres.grid} patch grids, but "
+                                 f"vision select_feature={config.vision.select_feature!r} gives {tokens} tokens a tile; "
+                                 "use patch for a CLIP tower (llava-hf's default), cls_patch for SigLIP (full)")
+            if not isinstance(getattr(projector, IMAGE_NEWLINE, None), torch.Tensor):
+                raise ValueError("an anyres model's projector must carry its learned image_newline (see add_image_newline)")
 
     @property
     def device(self) -> torch.device:
@@ -77,14 +90,25 @@ class MultimodalModel(nn.Module):
     def image_token_counts(self, images: Sequence[Image.Image]) -> list[int]:
         """Slots each image takes in a prompt, in order (what `render` is given). LLaVA-1.5 squashes
         every image to one tower-sized square, so each takes `image_tokens`; an AnyRes model's count
-        depends on the image's size."""
+        depends on the image's size (`mmchat.anyres.num_image_tokens`)."""
+        if self.anyres is not None:
+            return [anyres.num_image_tokens((im.height, im.width), self.anyres) for im in images]
         return [self.image_tokens] * len(images)
 
     def encode_each(self, images: Sequence[Image.Image]) -> list[torch.Tensor]:
         """Images -> each one's projected features [T_i, H], T_i its `image_token_counts` entry."""
         if not images:
             return []
+        if self.anyres is not None:
+            return [self._encode_anyres(im) for im in images]
         return list(self.encode_images(torch.stack([preprocess(im, self.config.vision) for im in images])))
+
+    def _encode_anyres(self, image: Image.Image) -> torch.Tensor:
+        """One image -> base tile + grid tiles through tower and projector -> packed features [T, H]
+        (`LlavaNextModel.get_image_features` / `LlavaOnevisionModel`'s for one image)."""
+        pixels, size = anyres.preprocess_anyres(image, self.anyres)  # [1 + rows*cols, 3, S, S]
+        tiles = self.encode_images(pixels)  # [1 + rows*cols, g*g, H]
+        return anyres.pack_image_features(tiles, getattr(self.projector, IMAGE_NEWLINE), size, self.anyres)
 
     def embed(self, input_ids: torch.Tensor, image_mask: torch.Tensor,
               features: torch.Tensor | Sequence[torch.Tensor] | None) -> torch.Tensor:
@@ -105,6 +129,9 @@ class MultimodalModel(nn.Module):
 
     def forward(self, input_ids, image_mask, attention_mask=None, pixel_values=None, labels=None, **llm_kwargs):
         """Training / scoring forward: [B, L] ids, masks and labels; pixel_values [N, 3, S, S]."""
+        if self.anyres is not None and pixel_values is not None:
+            raise ValueError("training on an anyres (LLaVA-NeXT / OneVision) checkpoint is not supported: mmchat runs "
+                             "it for chat, the app and the server only")
         features = self.encode_images(pixel_values) if pixel_values is not None and len(pixel_values) else None
         embeds = self.embed(input_ids, image_mask, features)
         return self.llm(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels, **llm_kwargs)
@@ -125,6 +152,13 @@ def _feature_rows(features) -> tuple[torch.Tensor | None, str]:
     counts = [f.shape[0] for f in features]
     described = f"{len(counts)} images of {' + '.join(map(str, counts)) or 0} tokens"
     return (torch.cat(list(features)) if counts else None), described
+
+
+def add_image_newline(projector: nn.Module, width: int, value: torch.Tensor | None = None) -> nn.Module:
+    """Give an anyres model's projector its `image_newline` [width] (zeros until loaded), saved and loaded with it."""
+    newline = torch.zeros(width) if value is None else value.detach().float().reshape(width).clone()
+    projector.register_parameter(IMAGE_NEWLINE, nn.Parameter(newline, requires_grad=False))
+    return projector
 
 
 def quantization_config(options: LoadOptions):
@@ -174,6 +208,8 @@ def load_model(checkpoint: str | Path, options: LoadOptions | None = None) -> Mu
     config = read_config(checkpoint)
     vision = load_vision_tower(config.vision, checkpoint).to(options.device)
     projector = build_projector(config.projector)
+    if config.vision.anyres is not None:
+        add_image_newline(projector, config.projector.out_dim)
     projector.load_state_dict(read_projector_state(checkpoint))
     projector.to(options.device, options.compute_dtype).eval().requires_grad_(False)
     adapter = resolve_path(checkpoint, config.adapter) if config.adapter else None

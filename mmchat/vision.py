@@ -175,6 +175,17 @@ def tower_tokens(visual: nn.Module) -> tuple[int, int]:
     return 1, visual.grid_size[0] * visual.grid_size[1]  # open_clip's ViT always has a class token
 
 
+def patch_size(visual: nn.Module) -> int:
+    """The side of the tower's square patches (AnyRes tiles give image_size // patch_size tokens a side)."""
+    if is_transformers_tower(visual):
+        return visual.config.patch_size
+    trunk = _trunk(visual)
+    sides = tuple(trunk.patch_embed.patch_size) if trunk is not None else tuple(visual.patch_size)
+    if sides[0] != sides[1]:
+        raise ValueError(f"vision tower patches of {sides[0]}x{sides[1]} px; mmchat's towers have square patches")
+    return int(sides[0])
+
+
 def _has_class_token(visual: nn.Module) -> bool:
     trunk = _trunk(visual)
     return trunk is None or getattr(trunk, "cls_token", None) is not None  # open_clip's ViT always has one

@@ -348,7 +348,6 @@ def test_unusable_chat_template_fails_before_writing(tiny_llava_hf_dir, tmp_path
 
 
 UNSUPPORTED = {
-    "llava_next": ({"model_type": "llava_next", "architectures": ["LlavaNextForConditionalGeneration"]}, "LLaVA-NeXT"),
     "llava_onevision": ({"model_type": "llava_onevision", "architectures": ["LlavaOnevisionForConditionalGeneration"]},
                         "LLaVA-OneVision"),
     "vipllava": ({"model_type": "vipllava", "architectures": ["VipLlavaForConditionalGeneration"]}, "VipLlava"),

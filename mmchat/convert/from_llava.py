@@ -2,7 +2,8 @@
 
 SRC's format is detected from its config.json:
   llava-hf   what `LlavaForConditionalGeneration.save_pretrained` writes (`model_type: llava`,
-             `text_config`, `vision_config`); loaded through transformers, which renames its keys.
+             `text_config`, `vision_config`), or LlavaNext's (`llava_next`: AnyRes tiling); loaded
+             through transformers, which renames its keys.
   original   LLaVA's own `LlavaLlamaForCausalLM` (`mm_vision_tower`, `mm_projector_type`, ...): LLaMA
              weights plus `model.mm_projector.*`; the CLIP tower is named, and included only when it
              was tuned (`model.vision_tower.vision_tower.*`, as xtuner's checkpoints).
@@ -19,7 +20,7 @@ from torch import nn
 from mmchat.checkpoint import is_checkpoint, save_checkpoint
 from mmchat.convert.clip_weights import open_clip_from_hf
 from mmchat.convert.common import SELECT_STRATEGIES, ConvertError, check_destination, log
-from mmchat.convert.hf_folder import choose_template, decoding, image_settings, stop_token_ids, with_pad
+from mmchat.convert.hf_folder import anyres_settings, choose_template, decoding, image_settings, stop_token_ids, with_pad
 from mmchat.convert.towers import TUNED_TOWER_PREFIX, tower_from_hf, with_tuned_tower
 from mmchat.config import (
     CLIP_MEAN,
@@ -29,6 +30,7 @@ from mmchat.config import (
     ProjectorConfig,
     VisionConfig,
 )
+from mmchat.model import add_image_newline
 from mmchat.projector import build_projector
 from mmchat.templates import IMAGE_TOKEN
 from mmchat.vision import TRANSFORMERS_TOWERS
@@ -41,7 +43,6 @@ OPENAI_TOWERS = {
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 # Vision-language models users mistake for LLaVA-1.5-style ones: config.json's model_type -> what it is.
 UNSUPPORTED = {
-    "llava_next": "LLaVA-NeXT (LlavaNextForConditionalGeneration, AnyRes tiling) is not yet supported",
     "llava_next_video": "LLaVA-NeXT-Video (LlavaNextVideoForConditionalGeneration) is not yet supported",
     "llava_onevision": "LLaVA-OneVision (LlavaOnevisionForConditionalGeneration, AnyRes tiling) is not yet supported",
     "vipllava": "VipLlava (VipLlavaForConditionalGeneration: several tower layers, visual prompts) is not supported",
@@ -55,7 +56,10 @@ UNSUPPORTED = {
     "idefics3": "Idefics3 (Idefics3ForConditionalGeneration) is not supported",
 }
 SUPPORTED = ("mmchat converts llava-hf LlavaForConditionalGeneration folders (llava-1.5, bakLlava, llava-interleave, "
-             "xtuner llava-llama-3 / llava-phi-3, llava-gemma) and original LLaVA-1.5 (LlavaLlamaForCausalLM)")
+             "xtuner llava-llama-3 / llava-phi-3, llava-gemma), LlavaNextForConditionalGeneration (llava-v1.6) "
+             "and original LLaVA-1.5 (LlavaLlamaForCausalLM)")
+# llava-hf model types -> transformers' class; NeXT adds AnyRes tiling and a learned image_newline.
+LLAVA_HF_CLASSES = {"llava": "LlavaForConditionalGeneration", "llava_next": "LlavaNextForConditionalGeneration"}
 
 
 def to_mmchat(src: str, dst: Path, vision_tower: str | None = None, overwrite: bool = False, pad: bool | None = None,
@@ -110,7 +114,7 @@ def detect_format(folder: Path) -> tuple[str, dict]:
         what = "Pixtral (LlavaForConditionalGeneration with a Pixtral vision tower) is not supported"
     if what:
         raise ConvertError(f"{config_path}: {what}; {SUPPORTED}")
-    if config.get("model_type") == "llava" and "text_config" in config and "vision_config" in config:
+    if config.get("model_type") in LLAVA_HF_CLASSES and "text_config" in config and "vision_config" in config:
         return "llava-hf", config
     raise ConvertError(
         f"{config_path}: model_type={config.get('model_type')!r}, architectures={architectures} is neither llava-hf "
@@ -121,16 +125,20 @@ def detect_format(folder: Path) -> tuple[str, dict]:
 def from_llava_hf(folder: Path, dst: Path, pad: bool | None = None, template: str | None = None) -> Path:
     """llava-hf -> mmchat: the tower becomes open_clip or stays transformers' (`towers.tower_from_hf`),
     `linear_1/2` the projector's `0/2`, the LLM a causal LM;
-    preprocessing follows the folder's image processor, prompts its chat template, stop ids its generation config."""
-    from transformers import AutoTokenizer, LlavaConfig, LlavaForConditionalGeneration
+    preprocessing follows the folder's image processor, prompts its chat template, stop ids its generation config.
+    LlavaNext: its pinpoints become `vision.anyres`, its `image_newline` goes with the projector."""
+    import transformers
+    from transformers import AutoConfig, AutoTokenizer
 
-    hf_config = LlavaConfig.from_pretrained(folder)
+    hf_config = AutoConfig.from_pretrained(folder)
+    model_class = getattr(transformers, LLAVA_HF_CLASSES[hf_config.model_type])
     check_llava_hf(hf_config)
+    tiling = anyres_settings(folder, hf_config) if hf_config.model_type != "llava" else None
     tokenizer = AutoTokenizer.from_pretrained(folder)
     check_image_token(folder, tokenizer, hf_config.image_token_index)
     prompt = choose_template(folder, tokenizer, template)  # before the weights load: a bad template fails fast
-    log("loading the llava-hf model")
-    llava, info = LlavaForConditionalGeneration.from_pretrained(folder, dtype="auto", output_loading_info=True)
+    log(f"loading the llava-hf model ({model_class.__name__})")
+    llava, info = model_class.from_pretrained(folder, dtype="auto", output_loading_info=True)
     if info["missing_keys"]:
         raise ConvertError(f"{folder} is missing weights {sorted(info['missing_keys'])[:5]}; is the download complete?")
     library, visual, clip_cfg = tower_from_hf(llava.model.vision_tower)
@@ -142,6 +150,7 @@ def from_llava_hf(folder: Path, dst: Path, pad: bool | None = None, template: st
             library=library,
             select_layer=hf_config.vision_feature_layer,
             select_feature={v: k for k, v in SELECT_STRATEGIES.items()}[hf_config.vision_feature_select_strategy],
+            anyres=tiling,
             **settings,
         )
     except ValueError as e:
@@ -151,6 +160,8 @@ def from_llava_hf(folder: Path, dst: Path, pad: bool | None = None, template: st
                                     bias=hf_config.multimodal_projector_bias, act=hf_config.projector_hidden_act)
     projector = build_projector(projector_cfg)
     projector.load_state_dict({f"{i}.{p}": v.float() for i, layer in ((0, hf_proj.linear_1), (2, hf_proj.linear_2)) for p, v in layer.named_parameters()})
+    if tiling is not None:
+        add_image_newline(projector, projector_cfg.out_dim, llava.model.image_newline)
     llm = causal_lm(hf_config.text_config, llava.model.language_model, llava.lm_head)
     config = ModelConfig(vision=vision, projector=projector_cfg, template=prompt.name, image_token_id=hf_config.image_token_index,
                          stop_token_ids=stop_token_ids(folder, tokenizer, prompt.end_of_turn), **decoding(folder))

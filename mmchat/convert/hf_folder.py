@@ -56,6 +56,32 @@ def image_settings(folder: Path, default_size: int) -> dict:
     return settings
 
 
+def anyres_settings(folder: Path, hf_config):
+    """A LlavaNext / LlavaOnevision folder's tiling as `AnyresConfig`, checked against its image
+    processor as `AutoImageProcessor` loads it (the torchvision backend, which `mmchat.anyres` matches)."""
+    from transformers import AutoImageProcessor
+    from transformers.image_utils import PILImageResampling
+
+    from mmchat.anyres import settings_from_transformers
+    from mmchat.config import AnyresConfig
+
+    processor = AutoImageProcessor.from_pretrained(folder)
+    try:
+        settings = settings_from_transformers(hf_config, processor)
+    except ValueError as e:
+        raise ConvertError(f"{folder}: {e}") from None
+    theirs = [list(map(int, p)) for p in processor.image_grid_pinpoints or []]
+    if theirs != [list(p) for p in settings.pinpoints]:
+        raise ConvertError(f"{folder}: the image processor tiles on image_grid_pinpoints {theirs} but config.json packs on "
+                           f"{[list(p) for p in settings.pinpoints]}; transformers would mix them up; make them equal")
+    if processor.resample not in (None, PILImageResampling.BICUBIC, 3) or not processor.do_convert_rgb:
+        raise ConvertError(f"{folder}: {type(processor).__name__} with resample={processor.resample!r}, "
+                           f"do_convert_rgb={processor.do_convert_rgb}; mmchat tiles as llava-hf's do (bicubic, RGB)")
+    log(f"anyres tiling: {settings.tile_size} px tiles, grids {[list(p) for p in settings.pinpoints]}"
+        + (f", anyres_max_{settings.max_tiles}" if settings.max_tiles else ""))
+    return AnyresConfig(pinpoints=[list(p) for p in settings.pinpoints], max_tiles=settings.max_tiles)
+
+
 def describe(vision: VisionConfig) -> str:
     """One line of preprocessing, for the log."""
     side = vision.image_size

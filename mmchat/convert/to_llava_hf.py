@@ -63,6 +63,9 @@ def exportable_config(src: Path) -> ModelConfig:
     if not is_checkpoint(src):
         raise ConvertError(f"SRC {src} is not an mmchat checkpoint (no mmchat.json); convert LLaVA folders without --to")
     config = read_config(src)
+    if config.vision.anyres is not None:
+        raise ConvertError(f"{src}: --to llava-hf does not yet write LlavaNext / LlavaOnevision folders (anyres tiling); "
+                           "the checkpoint runs in mmchat's chat, app and server")
     if config.adapter:
         raise ConvertError(f"{src} holds a PEFT adapter on top of {config.llm}, not a full LLM; {MERGE_HINT}")
     if config.projector.type != "mlp2x_gelu":

@@ -250,3 +250,12 @@ def test_what_is_not_supported_is_refused_in_one_line(folder, checkpoint, model,
     with pytest.raises(ValueError, match="training on an anyres"):
         model(torch.zeros(1, 4, dtype=torch.long), torch.zeros(1, 4, dtype=torch.bool),
               pixel_values=torch.zeros(1, 3, 56, 56))
+
+
+def test_the_status_line_says_anyres(model, checkpoint):
+    from mmchat.model import LoadOptions
+    from mmchat.serving.config import ServeConfig
+    from mmchat.serving.loaded_model import describe
+
+    line = describe(model, ServeConfig(model=str(checkpoint)), LoadOptions(load_in="32bit", device="cpu"))
+    assert f"AnyRes: {model.image_tokens} tokens per tile" in line and "tokens per image" not in line

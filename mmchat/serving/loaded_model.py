@@ -56,9 +56,15 @@ def describe(model: MultimodalModel, config: ServeConfig, options: LoadOptions) 
     """The status line: which model, weights and device, its LLM family, vision tower and image tokens."""
     name = "the demo model" if config.is_demo_model else _display_name(config.model)
     line = (f"Serving {name} · {WEIGHTS[options.load_in]} weights · {options.device} · "
-            f"{model.llm.config.model_type} LLM, {_tower(model)}, {model.image_tokens} tokens per image, "
+            f"{model.llm.config.model_type} LLM, {_tower(model)}, {_image_tokens(model)}, "
             f"{model.max_context}-token context")
     return f"{line}. {DEMO_LIMITS}" if config.is_demo_model else line
+
+
+def _image_tokens(model: MultimodalModel) -> str:
+    if model.config.vision.anyres is not None:  # LLaVA-NeXT: a base tile plus a grid, per the image's shape
+        return f"AnyRes: {model.image_tokens} tokens per tile, a tile grid per image's shape"
+    return f"{model.image_tokens} tokens per image"
 
 
 def _tower(model: MultimodalModel) -> str:

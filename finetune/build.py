@@ -19,7 +19,7 @@ from finetune.train_config import ALL_LINEAR, ConfigError, TrainConfig
 from mmchat.checkpoint import PROJECTOR_FILE, is_checkpoint, read_config, resolve_path
 from mmchat.config import ModelConfig, ProjectorConfig, VisionConfig
 from mmchat.model import LoadOptions, MultimodalModel, load_llm, load_tokenizer
-from mmchat.projector import build_projector
+from mmchat.projector import build_projector, patch_grid
 from mmchat.templates import CHAT, resolve_template
 from mmchat.vision import (
     OPEN_CLIP_CONFIG, VISION_DIR, feature_block, feature_width, load_vision_tower, num_image_tokens, preprocess_settings,
@@ -53,10 +53,10 @@ def build_model(cfg: TrainConfig, device: str) -> Built:
     _check_template(cfg, tokenizer)
     llm = load_llm(llm_ref, options, adapter, trainable=adapter is not None and cfg.stage == "instruct")
     if projector is None:  # a new projector: its input is the tower's width, its output the LLM's
-        config.projector = ProjectorConfig(cfg.projector_type, feature_width(vision, config.vision), _embedding_width(llm))
+        config.projector = _new_projector_config(cfg, vision, config.vision, _embedding_width(llm))
         projector = build_projector(config.projector)
     elif isinstance(projector, dict):
-        config.projector = _projector_config(projector, cfg.projector_type, config.projector.act)
+        config.projector = _projector_config(projector, cfg.projector_type, config.projector.act, config.projector.heads)
         state, projector = projector, build_projector(config.projector)
         projector.load_state_dict(state)
     config.template = cfg.template_name
@@ -73,6 +73,9 @@ def _from_checkpoint(cfg: TrainConfig):
         raise ConfigError(f"--model {ckpt} is not an mmchat checkpoint (no mmchat.json); convert a LLaVA "
                           "folder with `python -m mmchat.convert SRC DST`, or start from parts with --llm")
     config = read_config(ckpt)
+    if config.vision.anyres is not None:
+        raise ConfigError(f"--model {ckpt} is a LLaVA-NeXT (anyres) checkpoint; training one is not supported yet "
+                          "(its tiles would need per-image pixels in the batch): it runs in chat, the app and the server")
     vision = load_vision_tower(config.vision, ckpt)
     vision_cfg = vision_model_cfg(ckpt) if config.vision.pretrained is None else None
     projector = read_projector(Path(cfg.projector) if cfg.projector else ckpt / PROJECTOR_FILE)
@@ -163,9 +166,28 @@ def read_projector(path: Path) -> dict[str, torch.Tensor]:
     return {k: v.float() for k, v in state.items()}
 
 
-def _projector_config(state: dict[str, torch.Tensor], wanted: str, act: str = "gelu") -> ProjectorConfig:
-    """The projector type, widths and bias its weights imply (LLaVA names: `weight` or `0.*`/`2.*`);
-    `act` is the checkpoint's (weights do not say it)."""
+def _new_projector_config(cfg: TrainConfig, vision: nn.Module, vision_config: VisionConfig, hidden: int) -> ProjectorConfig:
+    """--projector-type from the tower's feature width to the LLM's; a resampler needs a square patch grid."""
+    if cfg.projector_type == "resampler":
+        try:
+            patch_grid(num_image_tokens(vision, vision_config))
+        except ValueError as e:
+            raise ConfigError(f"--projector-type resampler: {e} (--vision-select-feature)") from None
+    try:
+        return ProjectorConfig(cfg.projector_type, feature_width(vision, vision_config), hidden,
+                               queries=cfg.resampler_queries if cfg.projector_type == "resampler" else None)
+    except ValueError as e:
+        raise ConfigError(f"--projector-type {cfg.projector_type}: {e}") from None
+
+
+def _projector_config(state: dict[str, torch.Tensor], wanted: str, act: str = "gelu", heads: int | None = None) -> ProjectorConfig:
+    """The projector type, widths and bias its weights imply (LLaVA names: `weight` or `0.*`/`2.*`; the
+    resampler's `query`, `kv_proj.*`, ...); `act` and the resampler's `heads` are the checkpoint's
+    (weights do not say them; none for heads: the default for the width)."""
+    if "query" in state:
+        queries, out_dim = state["query"].shape
+        return ProjectorConfig("resampler", state["kv_proj.weight"].shape[1], out_dim, bias="proj.bias" in state,
+                               queries=queries, heads=heads)
     bias = "bias" in state or "0.bias" in state
     if set(state) == {"weight", "bias"} or set(state) == {"weight"}:
         out_dim, in_dim = state["weight"].shape
@@ -174,7 +196,8 @@ def _projector_config(state: dict[str, torch.Tensor], wanted: str, act: str = "g
         out_dim, in_dim = state["0.weight"].shape
         return ProjectorConfig("mlp2x_gelu", in_dim, out_dim, bias=bias, act=act)
     raise ConfigError(f"--projector: unrecognised weights {sorted(state)}; expected a {wanted} projector "
-                      "(keys `0.*`, `2.*` or `weight`, `bias`, optionally prefixed `model.mm_projector.`)")
+                      "(keys `0.*`, `2.*` or `weight`, `bias`, optionally prefixed `model.mm_projector.`; a "
+                      "resampler's `query`, `kv_proj.weight`, ...)")
 
 
 def _check_widths(model: MultimodalModel) -> None:

@@ -66,7 +66,10 @@ class TrainConfig:
     """Projector weights to start from: projector.safetensors, LLaVA's mm_projector.bin, or an
     mmchat checkpoint folder; none starts a new projector (stage 1 from parts)."""
     projector_type: str = "mlp2x_gelu"
-    """Projector of a new model built from parts (LLaVA-1.5: mlp2x_gelu)."""
+    """Projector of a new model built from parts (LLaVA-1.5: mlp2x_gelu): linear, mlp2x_gelu (one token
+    per patch) or resampler (--resampler-queries learned queries cross-attend to the patches)."""
+    resampler_queries: int = 64
+    """With --projector-type resampler: learned queries, so image tokens per image (Qwen-VL: 256)."""
     template: str | None = None
     """Conversation template; none picks `plain` for align (LLaVA stage 1) and `llava_v1` otherwise."""
     load_in: str = "auto"
@@ -162,6 +165,12 @@ class TrainConfig:
         if self.model and (self.vision_select_layer != ["-2"] or self.vision_select_feature != "patch"):
             raise ConfigError("Can't provide both --model and --vision-select-layer / --vision-select-feature: a "
                               "checkpoint keeps its own tower settings. Choose one (the flags apply with --llm).")
+        if self.model and (self.projector_type != "mlp2x_gelu" or self.resampler_queries != 64):
+            raise ConfigError("Can't provide both --model and --projector-type / --resampler-queries: a checkpoint keeps "
+                              "its own projector. Choose one (the flags apply with --llm).")
+        if self.resampler_queries != 64 and self.projector_type != "resampler":
+            raise ConfigError(f"--resampler-queries {self.resampler_queries} needs --projector-type resampler "
+                              f"(now {self.projector_type})")
         if not self.model and not self.llm:
             raise ConfigError("Nothing to train: give --model (an mmchat checkpoint) or --llm (a Hugging Face "
                               "model id or folder, with --vision and optionally --projector).")
@@ -205,7 +214,7 @@ class TrainConfig:
 
     def _check_numbers(self) -> None:
         for name in ("max_length", "epochs", "batch_size", "grad_accum", "lora_r", "lora_alpha", "keep_checkpoints",
-                     "log_every"):
+                     "log_every", "resampler_queries"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{flag(name)} must be at least 1, got {getattr(self, name)}")
         for name in ("num_workers", "save_every", "weight_decay", "max_grad_norm"):

@@ -11,7 +11,7 @@ SELECT_FEATURES = ("patch", "cls_patch", "cls")
 RESIZE_MODES = ("shortest_edge", "exact")
 # PIL's resampling filter codes, as image processor configs write them (`resample: 3`).
 RESAMPLE_FILTERS = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
-PROJECTOR_TYPES = ("linear", "mlp2x_gelu")
+PROJECTOR_TYPES = ("linear", "mlp2x_gelu", "resampler")
 # Parameter-free activations of transformers' ACT2FN (llava-hf's `projector_hidden_act`).
 PROJECTOR_ACTS = ("gelu", "gelu_pytorch_tanh", "gelu_new", "gelu_fast", "quick_gelu", "relu", "silu", "tanh")
 # Who runs the vision tower: open_clip (trainable from named weights; exact for CLIP) or transformers' own
@@ -126,23 +126,46 @@ class VisionConfig:
 @dataclass
 class ProjectorConfig:
     type: str = "mlp2x_gelu"
-    """`linear`, or `mlp2x_gelu`: linear -> `act` -> linear (LLaVA's name; llava-hf's projector)."""
+    """`linear`, or `mlp2x_gelu`: linear -> `act` -> linear (LLaVA's name; llava-hf's projector): one
+    token per feature; or `resampler`: `queries` learned queries cross-attend to the patch features
+    (Qwen-VL's resampler), `queries` tokens per image."""
     in_dim: int = 1024
     """The vision feature width, times the number of `select_layer`s when it is a list."""
     out_dim: int = 4096
     bias: bool = True
-    """Both linears have a bias (llava-hf's `multimodal_projector_bias`)."""
+    """Both linears have a bias (llava-hf's `multimodal_projector_bias`); the resampler's output linear."""
     act: str = "gelu"
     """mlp2x_gelu's activation, by transformers' name (`projector_hidden_act`): `gelu` is exact
     (erf) GELU, as LLaVA's `nn.GELU()`; `gelu_pytorch_tanh` the tanh approximation."""
+    queries: int | None = None
+    """resampler: learned queries, so image tokens per image; none = 64 (IDEFICS2: 64; Qwen-VL: 256)."""
+    heads: int | None = None
+    """resampler: attention heads; none = out_dim / 128, at least 1 (Qwen-VL: 4096 / 128 = 32)."""
 
     def __post_init__(self) -> None:
         if self.type not in PROJECTOR_TYPES:
             raise ValueError(f"projector type={self.type!r}; choose one of {PROJECTOR_TYPES}")
         if self.act not in PROJECTOR_ACTS:
             raise ValueError(f"projector act={self.act!r}; choose one of {PROJECTOR_ACTS}")
-        if self.type == "linear" and self.act != "gelu":
-            raise ValueError(f"projector act={self.act!r} with type 'linear', which has no activation; use mlp2x_gelu")
+        if self.type != "mlp2x_gelu" and self.act != "gelu":
+            raise ValueError(f"projector act={self.act!r} with type {self.type!r}, which has no activation; use mlp2x_gelu")
+        if self.type == "resampler":
+            self._check_resampler()
+        elif self.queries is not None or self.heads is not None:
+            raise ValueError(f"projector queries={self.queries}, heads={self.heads} with type {self.type!r}, which has no "
+                             "attention; use resampler (or null)")
+
+    def _check_resampler(self) -> None:
+        if self.queries is None:
+            self.queries = 64
+        if self.queries < 1:
+            raise ValueError(f"projector queries={self.queries}: the resampler needs at least 1 query")
+        if self.heads is None:
+            self.heads = max(1, self.out_dim // 128)
+        if self.out_dim % 4:  # half the width per axis of the 2-D position, half of that sines
+            raise ValueError(f"projector out_dim={self.out_dim}: the resampler's 2-D sin-cos positions need a multiple of 4")
+        if self.heads < 1 or self.out_dim % self.heads:
+            raise ValueError(f"projector heads={self.heads} does not divide out_dim={self.out_dim}")
 
 
 # The checkpoint's folders (mmchat.checkpoint owns the format; the defaults below name them).

@@ -73,6 +73,8 @@ class MultimodalModel(nn.Module):
 
     @property
     def image_tokens(self) -> int:
+        if self.config.projector.type == "resampler":  # its queries, whatever the tower's grid
+            return self.config.projector.queries
         return num_image_tokens(self.vision, self.config.vision)
 
     @property

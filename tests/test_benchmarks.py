@@ -1,5 +1,6 @@
 """The benchmarks' own logic, fast: the memory model's accounting and fit, the LLaVA-like data,
 and `benchmarks.train`'s two engines on a tiny model (in process, not timed)."""
+import json
 import shutil
 from dataclasses import replace
 
@@ -233,3 +234,14 @@ def test_small_model_benchmark_quick(tmp_path, capsys):
     assert all(t["prefilled_tokens"] < 64 for t in mm[1:])  # follow-ups prefill only the new turn
     assert [t["prefilled_tokens"] for t in ref] == sorted(t["prefilled_tokens"] for t in ref)  # the whole conversation
     assert set(data["summary"]) == set(data["runs"]) and data["convert"]["convert_s"] > 0
+
+
+def test_resampler_benchmark_quick(tmp_path, capsys):
+    from benchmarks.resampler import main
+
+    assert main(["--quick", "--out", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "resampler.json").read_text())
+    rows = data["projectors"]
+    assert rows["mlp2x_gelu"]["image_tokens"] == 576 and rows["resampler"]["image_tokens"] == 64
+    assert all(r["ttft_turn_1_s"] > r["ttft_turn_4_s"] > 0 for r in rows.values()), rows
+    assert capsys.readouterr().out.strip().splitlines()[-1].startswith("headline: turn-1 time to first token, 576")

@@ -55,3 +55,22 @@ def test_quick_build_trains_from_nothing_and_beats_chance_in_4bit(tmp_path):
     assert "reusing the pretrained CLIP and LLM" in again.stdout and "clip step" not in again.stdout
     rebuilt = json.loads((tmp_path / "again" / "build.json").read_text())
     assert rebuilt["pretraining_reused"] and rebuilt["eval"]["per_question_type"] == result["per_question_type"]
+
+
+@pytest.mark.timeout(2 * BUILD_TIMEOUT_S)  # a build and a comparison
+def test_quick_build_with_a_resampler_reaches_the_same_bar(tmp_path):
+    """`--projector resampler`: nine learned queries instead of the MLP, the same build and the same bar."""
+    out = tmp_path / "demo-resampler"
+    built = run(["finetune.demo", "--quick", "--projector", "resampler", "--out", str(out), "--work", str(tmp_path / "work")],
+                timeout=BUILD_TIMEOUT_S)
+    assert built.returncode == 0, built.stdout[-3000:] + built.stderr[-3000:]
+    config = read_config(out)
+    assert (config.projector.type, config.projector.queries) == ("resampler", 9)
+    build = json.loads((out / "build.json").read_text())
+    assert build["eval"]["load_in"] == "4bit" and build["eval"]["questions"] >= 100
+    assert build["eval"]["accuracy"] >= 0.70 > 3 * COLOUR_CHANCE, build["eval"]
+    assert build["training"]["instruct"]["mean_tokens_per_s"] > 0
+    assert "--projector resampler --resampler-queries 9" in (out / "README.md").read_text()
+    compared = run(["finetune.demo.compare", str(out), "--turns", "2", "--repeats", "1"], timeout=300)
+    assert compared.returncode == 0, compared.stderr[-3000:]
+    assert "| resampler (9 queries) | 9 | " in compared.stdout and f"{build['eval']['accuracy']:.1%}" in compared.stdout

@@ -259,3 +259,14 @@ def test_the_status_line_says_anyres(model, checkpoint):
 
     line = describe(model, ServeConfig(model=str(checkpoint)), LoadOptions(load_in="32bit", device="cpu"))
     assert f"AnyRes: {model.image_tokens} tokens per tile" in line and "tokens per image" not in line
+
+
+def test_finetuning_a_next_checkpoint_is_refused_in_one_line(checkpoint, tmp_path, capsys):
+    from finetune.qlora import main as qlora
+    from tiny_models import build_colour_data
+
+    data = build_colour_data(tmp_path / "data", records=2)
+    code = qlora(["--stage", "instruct", "--model", str(checkpoint), "--data", str(data),
+                  "--image-root", str(data.parent), "--output-dir", str(tmp_path / "run")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code != 0 and any("LLaVA-NeXT (anyres) checkpoint" in line for line in err), err

@@ -2,6 +2,7 @@
 
     python -m finetune.demo --out assets/demo-model            # the shipped model (under an hour, 2 cores)
     python -m finetune.demo --out /tmp/demo --quick            # a smaller world in a few minutes (the tests)
+    python -m finetune.demo --out /tmp/demo-rs --quick --projector resampler   # a resampler instead of the MLP
 
 1. data: synthetic shape images with captions and conversations, as LLaVA-format files
 2. tokenizer: BPE over the world's text (`finetune.demo.tokenizer`)
@@ -57,6 +58,11 @@ class DemoConfig:
     select_feature: str = "patch"
     """The nine patch tokens, one per cell: the LLM learnt to read the scene as a 3×3 grid of
     cell words in that order (`finetune.demo.lookups`)."""
+    projector: str = "mlp2x_gelu"
+    """What stages 1-2 train: `mlp2x_gelu` (each patch to its cell word) or `resampler` (learned
+    queries cross-attend to the nine patches; the LLM's pretraining is the same)."""
+    resampler_queries: int = 9
+    """With `resampler`: the queries, so the image tokens the LLM reads."""
     align_records: int = 6000
     instruct_records: int = 16000
     heldout_records: int = 600
@@ -167,6 +173,7 @@ def build(cfg: DemoConfig) -> dict:
             clip_history = clip.history
         else:
             say(f"reusing the pretrained CLIP and LLM in {work / 'stage0'} (same pretraining settings)")
+            new_stage0_projector(cfg)
             clip_history, lm_history, parallel = earlier["clip"], earlier["lm"], earlier["parallel"]
         stage0 = work / "stage0"
     if earlier is None:
@@ -191,6 +198,8 @@ def build(cfg: DemoConfig) -> dict:
                 "eval": result, "clip": clip_history, "lm": lm_history,
                 "instruct_curve": curve, "by_shapes": accuracy_by_shapes(predictions, cfg.world),
                 "commands": {"align": align_cmd, "instruct": instruct_cmd},
+                "training": {stage: _train_summary(work / folder) for stage, folder in (("align", "stage1"),
+                                                                                         ("instruct", "stage2"))},
                 "config": _plain(asdict(cfg))}
         write_card(cfg, info)
     say(f"done in {time.perf_counter() - steps.started:.0f} s: {cfg.out} (python app.py --model {cfg.out})")
@@ -310,19 +319,40 @@ def _pretrain_lm(cfg: LmConfig, tokenizer_dir: Path, out: Path, threads: int, cl
 
 def stage0_checkpoint(cfg: DemoConfig, clip, lm, tokenizer) -> Path:
     """The pretrained CLIP tower and LLaMA with a new projector, as an mmchat checkpoint."""
-    from finetune.demo.pretrain import seeded
     from mmchat.checkpoint import save_checkpoint
-    from mmchat.config import ModelConfig, ProjectorConfig, VisionConfig
-    from mmchat.projector import build_projector
+    from mmchat.config import ModelConfig, VisionConfig
 
     vision = VisionConfig(open_clip_model="mmchat-demo-clip", pretrained=None, select_layer=cfg.select_layer,
                           select_feature=cfg.select_feature, image_size=cfg.clip.image_size)
-    config = ModelConfig(vision=vision, projector=ProjectorConfig("mlp2x_gelu", cfg.clip.width, cfg.lm.hidden),
-                         llm="llm", tokenizer="llm", template=cfg.lm.template)
-    with seeded(0):  # the projector's initial weights: the same in every build
-        projector = build_projector(config.projector)
+    projector_config, projector = new_projector(cfg)
+    config = ModelConfig(vision=vision, projector=projector_config, llm="llm", tokenizer="llm", template=cfg.lm.template)
     return save_checkpoint(cfg.work / "stage0", config, projector, tokenizer, llm=lm,
                            vision=clip.model.visual, vision_model_cfg=clip.model_cfg)
+
+
+def new_projector(cfg: DemoConfig):
+    """A new `cfg.projector` from the CLIP's width to the LLM's and its config: the same initial weights in every build."""
+    from finetune.demo.pretrain import seeded
+    from mmchat.config import ProjectorConfig
+    from mmchat.projector import build_projector
+
+    config = ProjectorConfig(cfg.projector, cfg.clip.width, cfg.lm.hidden,
+                             queries=cfg.resampler_queries if cfg.projector == "resampler" else None)
+    with seeded(0):
+        return config, build_projector(config)
+
+
+def new_stage0_projector(cfg: DemoConfig) -> None:
+    """Stage 0 with a new projector of `cfg.projector`: reused pretraining may come from a build that
+    trained another projector."""
+    from mmchat.checkpoint import PROJECTOR_FILE, atomic_file, read_config, save_projector, write_config
+
+    stage0 = cfg.work / "stage0"
+    config = read_config(stage0)
+    config.projector, projector = new_projector(cfg)
+    with atomic_file(stage0 / PROJECTOR_FILE) as tmp:
+        save_projector(projector, tmp)
+    write_config(config, stage0)
 
 
 def pack(trained: Path, base_llm: Path, out: Path) -> Path:
@@ -371,6 +401,12 @@ def instruct_curve(cfg: DemoConfig, heldout: Path) -> list[dict]:
     return points
 
 
+def _train_summary(out: Path) -> dict:
+    """A training stage's speed, as `finetune.qlora` summed it up (kept: the next build in `work` overwrites it)."""
+    summary = json.loads((out / "train_summary.json").read_text())
+    return {k: summary[k] for k in ("steps", "seconds", "mean_tokens_per_s", "first_loss", "last_loss")}
+
+
 def _plain(value):
     """A config as JSON-friendly values (paths as strings)."""
     return json.loads(json.dumps(value, default=str))
@@ -384,12 +420,19 @@ def parse_args(argv: list[str] | None = None) -> DemoConfig:
     p.add_argument("--reuse-pretraining", action="store_true",
                    help="keep the pretrained CLIP and LLM that an earlier build with the same pretraining settings left in --work")
     p.add_argument("--threads", type=int, default=1, help="torch threads per process (default: %(default)s)")
+    p.add_argument("--projector", choices=("mlp2x_gelu", "resampler"), default="mlp2x_gelu",
+                   help="the projector stages 1-2 train: one token per patch, or learned queries (default: %(default)s)")
+    p.add_argument("--resampler-queries", type=int, default=None,
+                   help="with --projector resampler: its queries, the image tokens (default: 9, one per cell)")
     a = p.parse_args(argv)
     if a.threads < 1:
         p.error(f"--threads {a.threads}: must be at least 1")
+    if a.resampler_queries is not None and (a.projector != "resampler" or a.resampler_queries < 1):
+        p.error(f"--resampler-queries {a.resampler_queries}: needs --projector resampler and at least 1 query")
     work = a.work or a.out.with_name(f"{a.out.name}-work")
-    return replace((quick_config if a.quick else full_config)(a.out, work), threads=a.threads,
-                   reuse_pretraining=a.reuse_pretraining)
+    cfg = replace((quick_config if a.quick else full_config)(a.out, work), threads=a.threads,
+                  reuse_pretraining=a.reuse_pretraining, projector=a.projector)
+    return replace(cfg, resampler_queries=a.resampler_queries or cfg.resampler_queries)
 
 
 def main(argv: list[str] | None = None) -> int:

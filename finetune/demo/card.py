@@ -150,6 +150,10 @@ def card_text(cfg, info: dict) -> str:
                  f"precision {pope['precision']:.1%}, recall {pope['recall']:.1%}, F1 {pope['f1']:.1%}, "
                  f"yes-ratio {pope['yes_ratio']:.1%}." if pope else "")
     build_cmd = "python -m finetune.demo --out assets/demo-model" + (" --quick" if cfg.quick else "")
+    projector = "`mlp2x_gelu` (one image token per patch)"
+    if cfg.projector == "resampler":
+        projector = f"`resampler`, {cfg.resampler_queries} learned queries (image tokens) attending to the patches"
+        build_cmd += f" --projector resampler --resampler-queries {cfg.resampler_queries}"
     heldout = cfg.set("heldout", cfg.heldout_records, 1000)
     clip, lm = cfg.clip, cfg.lm
     reused = (" Stages 1-2 were re-run with `--reuse-pretraining` on the CLIP and LLM that the same command "
@@ -222,7 +226,7 @@ python -m finetune.eval --model assets/demo-model --data data/shapes-heldout/dat
 5. **Stage 2** (`finetune.qlora --stage instruct`, `finetune/demo/configs/demo-instruct.yaml`): QLoRA — the LLM
    in 4-bit NF4 with LoRA on every linear layer — and the projector, on {cfg.instruct_records:,} conversations.
 
-Features: CLIP block {cfg.select_layer} output, `{cfg.select_feature}` tokens; projector `mlp2x_gelu`. The folder holds
+Features: CLIP block {cfg.select_layer} output, `{cfg.select_feature}` tokens; projector {projector}. The folder holds
 the base LLM (`llm/`), the LoRA adapter (`adapter/`), the projector, the vision tower (`vision/`)
 and the tokenizer; `build.json` has every setting, step time and learning-curve point.
 

@@ -63,6 +63,9 @@ def exportable_config(src: Path) -> ModelConfig:
     if not is_checkpoint(src):
         raise ConvertError(f"SRC {src} is not an mmchat checkpoint (no mmchat.json); convert LLaVA folders without --to")
     config = read_config(src)
+    if config.projector.type == "resampler":  # before the adapter: merging would not help
+        raise ConvertError(f"{src}: projector type 'resampler' has no llava-hf equivalent (llava-hf projects each patch "
+                           "to one token); the checkpoint runs in mmchat's chat, app, server and eval")
     if config.vision.anyres is not None:
         raise ConvertError(f"{src}: --to llava-hf does not yet write LlavaNext / LlavaOnevision folders (anyres tiling); "
                            "the checkpoint runs in mmchat's chat, app and server")

@@ -10,7 +10,6 @@ The same random weights (`benchmarks.random_llava.build_mmchat`) with the projec
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import shutil
 import statistics

@@ -51,7 +51,7 @@ class Answer:
         self._context = list(context_ids) if gen.repetition_penalty != 1.0 else None
         self._generator = torch.Generator(device=device).manual_seed(gen.seed) if gen.seed is not None else None
         self.generated: list[int] = []
-        self.text, self._shown = "", 0
+        self.text, self._shown = "", ""  # the answer so far, and the part of it streamed
         self.done = False
         self.token: int | None = None
         """The token to feed the model next (None once the answer is done)."""
@@ -77,8 +77,9 @@ class Answer:
             return self._stop()
         self.text = text
         visible = safe_prefix(text, self.stop_strings)
-        delta = visible[self._shown:] if len(visible) > self._shown else ""
-        self._shown = max(self._shown, len(visible))
+        delta = ""
+        if len(visible) > len(self._shown) and visible.startswith(self._shown):
+            delta, self._shown = visible[len(self._shown):], visible
         if len(self.generated) >= self.budget:
             self.done = True  # finish_reason stays "length"
         else:
@@ -95,14 +96,17 @@ class Answer:
         self.stats.new_tokens = len(self.generated)
         self.stats.answer_ids = list(self.generated)
         self.stats.decode_seconds = time.perf_counter() - self._started - self.stats.time_to_first_token
-        tail = self.text[self._shown:]
-        self._shown = len(self.text)
+        tail = self.text[len(self._shown):] if self.text.startswith(self._shown) else ""
+        self._shown = self.text
         return tail
 
 
 def safe_prefix(text: str, stops: tuple[str, ...]) -> str:
-    """Text safe to show now: no half-decoded character, no possible start of a stop string."""
-    end = len(text.rstrip("\ufffd"))
+    """Text safe to show now: nothing from the first undecodable byte on (a half-decoded character;
+    stray bytes that more tokens may still regroup, so the streamed text always equals the final
+    one), no possible start of a stop string."""
+    end = text.find("\ufffd")
+    end = len(text) if end < 0 else end
     for stop in stops:
         for k in range(min(len(stop) - 1, end), 0, -1):
             if text[:end].endswith(stop[:k]):

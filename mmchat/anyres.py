@@ -64,6 +64,18 @@ class AnyresSettings:
             raise ValueError(f"max_tiles must be positive or None, got {self.max_tiles}")
 
     @property
+    def tiles_only_alone(self) -> bool:
+        """OneVision (anyres_max_N) tiles an image only when it is its prompt's only image; with
+        several, each is one padded square plus a newline (`square_tokens`), as transformers does
+        (its processor's `batch_num_images`). LLaVA-NeXT tiles every image."""
+        return self.max_tiles is not None
+
+    @property
+    def square_tokens(self) -> int:
+        """Features of an image read as one square (OneVision, several images): g² and a newline."""
+        return self.grid**2 + 1
+
+    @property
     def grid(self) -> int:
         """Feature map side g of one tile: S // p tokens per row and per column."""
         return self.tile_size // self.patch_size
@@ -153,6 +165,24 @@ def _to_rgb_uint8(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1).contiguous()
 
 
+def _resize(pixels: torch.Tensor, size: Size) -> torch.Tensor:
+    """torchvision's resize, exactly as the processors call it: on uint8, bicubic, antialiased.
+    Its uint8 bicubic result depends on where it runs (native AVX kernel on CPU, float then
+    rounded on GPU or without AVX); this runs on the CPU, as the processors do by default."""
+    from torchvision.transforms.v2 import InterpolationMode
+    from torchvision.transforms.v2 import functional as tvF
+
+    return tvF.resize(pixels, list(size), interpolation=InterpolationMode.BICUBIC, antialias=True)
+
+
+def _normalise(stack: torch.Tensor, settings: AnyresSettings) -> torch.Tensor:
+    """uint8 [N, 3, S, S] -> float32. The processors fold the 1/255 rescale into float32 mean and
+    std (both x 255) rather than dividing the pixels first; the other order differs in the last bits."""
+    mean = torch.tensor(settings.image_mean) * 255.0
+    std = torch.tensor(settings.image_std) * 255.0
+    return (stack.float() - mean[:, None, None]) / std[:, None, None]
+
+
 def preprocess_anyres(image: Image.Image, settings: AnyresSettings) -> tuple[torch.Tensor, Size]:
     """One image -> (pixels [1 + rows*cols, 3, S, S], image_size (height, width)).
 
@@ -160,30 +190,32 @@ def preprocess_anyres(image: Image.Image, settings: AnyresSettings) -> tuple[tor
     to fit the best pinpoint and centred on a black canvas of that size, row by row. Equals the
     processor's `pixel_values[0]` and `image_sizes[0]` for a single image.
     """
-    # torchvision's resize, exactly as the processor calls it: on uint8, bicubic, antialiased.
-    # Its uint8 bicubic result depends on where it runs (native AVX kernel on CPU, float then
-    # rounded on GPU or without AVX); this runs on the CPU, as the processor does by default.
-    from torchvision.transforms.v2 import InterpolationMode
-    from torchvision.transforms.v2 import functional as tvF
-
-    def resize(pixels: torch.Tensor, size: Size) -> torch.Tensor:
-        return tvF.resize(pixels, list(size), interpolation=InterpolationMode.BICUBIC, antialias=True)
-
     pixels = _to_rgb_uint8(image)  # [3, H, W]
     image_size = (pixels.shape[1], pixels.shape[2])
     best_h, best_w = select_best_resolution(image_size, settings.pinpoints)
     new_h, new_w = fit_size(image_size, (best_h, best_w))
     left, top = (best_w - new_w) // 2, (best_h - new_h) // 2  # the odd pixel goes right / bottom
-    canvas = torch.nn.functional.pad(resize(pixels, (new_h, new_w)),
+    canvas = torch.nn.functional.pad(_resize(pixels, (new_h, new_w)),
                                      (left, best_w - new_w - left, top, best_h - new_h - top))  # [3, best_h, best_w]
     s = settings.tile_size
     tiles = canvas.view(3, best_h // s, s, best_w // s, s).permute(1, 3, 0, 2, 4).reshape(-1, 3, s, s)
-    stack = torch.cat([resize(pixels, (s, s))[None], tiles])  # [1 + n, 3, S, S] uint8
-    # The processor folds the 1/255 rescale into float32 mean and std (both x 255) rather than
-    # dividing the pixels first; the other order differs in the last bits.
-    mean = torch.tensor(settings.image_mean) * 255.0
-    std = torch.tensor(settings.image_std) * 255.0
-    return (stack.float() - mean[:, None, None]) / std[:, None, None], image_size
+    stack = torch.cat([_resize(pixels, (s, s))[None], tiles])  # [1 + n, 3, S, S] uint8
+    return _normalise(stack, settings), image_size
+
+
+def preprocess_square(image: Image.Image, settings: AnyresSettings) -> torch.Tensor:
+    """One image of a OneVision prompt holding several -> pixels [1, 3, S, S]: centred on a square
+    of its longer side filled with the mean colour, then resized to S x S; no tiles
+    (`LlavaOnevisionImageProcessor` when `batch_num_images` is not 1)."""
+    pixels = _to_rgb_uint8(image)
+    height, width = pixels.shape[1:]
+    side = max(height, width)
+    left, top = (side - width) // 2, (side - height) // 2
+    fill = [int(m * 255) for m in settings.image_mean]  # truncated, as the processor does
+    square = torch.empty(3, side, side, dtype=torch.uint8)
+    square[:] = torch.tensor(fill, dtype=torch.uint8)[:, None, None]
+    square[:, top:top + height, left:left + width] = pixels
+    return _normalise(_resize(square, (settings.tile_size, settings.tile_size))[None], settings)
 
 
 # ---- tokens -----------------------------------------------------------------------------------

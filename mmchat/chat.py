@@ -34,9 +34,12 @@ class _Image:
     uid: int
     """Unique within its session: cache keys name image slots by it."""
     image: Image.Image
-    features: torch.Tensor | None = None  # [T, H], computed once
-    tokens: int | None = None
-    """Its image slots in a prompt (`MultimodalModel.image_token_counts`), asked once."""
+    features: dict[str, torch.Tensor] = field(default_factory=dict)
+    """Its projected features [T, H] per layout (`MultimodalModel.image_layout`), computed once."""
+    tokens: dict[str, int] = field(default_factory=dict)
+    """Its image slots in a prompt per layout (`MultimodalModel.image_token_counts`), asked once.
+    OneVision reads an image as tiles when it is the conversation's only one and as one square once
+    a second arrives, so the same image can have both."""
     key: str | None = None
     """The caller's identity for the image's content (`answer`: a hash), so a re-sent image keeps its uid."""
 
@@ -61,7 +64,7 @@ class ChatSession:
         self._base_template = self._template  # `answer` may swap in another system prompt
         self._images: list[_Image] = []  # in conversation order
         self._cache = None
-        self._cached_keys: list = []  # token id per cached position, ("img", uid) for image slots
+        self._cached_keys: list = []  # token id per cached position, ("img", uid, layout) for image slots
         # Never reset (not even by clear): a new image must not take the uid of one still in the cache keys.
         self._uids = itertools.count()
 
@@ -129,7 +132,7 @@ class ChatSession:
                                f"{self.model.max_context}; shorten it")
         self.messages = list(messages)
         self._images = new_images
-        return self._generate(_View(rendered, new_images, 0), gen, stop)
+        return self._generate(_View(rendered, new_images, 0, self._layout(new_images)), gen, stop)
 
     def _template_with_system(self, system: str | None):
         base = self._base_template
@@ -167,7 +170,7 @@ class ChatSession:
         self._cache = None
         self._cached_keys = []
         for im in self._images:
-            im.features = None
+            im.features.clear()
 
     def lend_cache(self):
         """Hand the KV cache over to a batch (`mmchat.engine`) while an answer decodes there."""
@@ -196,13 +199,18 @@ class ChatSession:
         return render(messages, self._template, self.model.tokenizer, self._image_tokens(images),
                       add_generation_prompt=generation_prompt, image_token_id=self.model.config.image_token_id)
 
+    def _layout(self, images: list[_Image]) -> str:
+        """How the images of a prompt holding exactly `images` are read (`MultimodalModel.image_layout`)."""
+        return self.model.image_layout(len(images))
+
     def _image_tokens(self, images: list[_Image]) -> list[int]:
-        """Each image's own slot count, asked of the model once per image."""
-        todo = [im for im in images if im.tokens is None]
+        """Each image's own slot count in a prompt of these images, asked of the model once per image and layout."""
+        layout = self._layout(images)
+        todo = [im for im in images if layout not in im.tokens]
         if todo:
-            for im, count in zip(todo, self.model.image_token_counts([im.image for im in todo]), strict=True):
-                im.tokens = count
-        return [im.tokens for im in images]
+            for im, count in zip(todo, self.model.image_token_counts([im.image for im in todo], layout), strict=True):
+                im.tokens[layout] = count
+        return [im.tokens[layout] for im in images]
 
     def _render_for_generation(self, gen: GenerationConfig) -> "_View":
         """Render the history, dropping the oldest turns (never the system prompt) to fit."""
@@ -223,12 +231,13 @@ class ChatSession:
         dropped = first // 2
         if dropped:
             self.notices.append(f"Dropped the {dropped} oldest turn(s) to fit the {limit}-token context.")
-        return _View(rendered, self._images[images_before:], dropped)
+        shown = self._images[images_before:]
+        return _View(rendered, shown, dropped, self._layout(shown))
 
     # -- the model ---------------------------------------------------------------------
     def _keys(self, view: "_View") -> list:
-        """A cache key per position: the token id, or ("img", uid) on each of that image's own slots."""
-        slots = [("img", im.uid) for im in view.images for _ in range(im.tokens)]
+        """A cache key per position: the token id, or ("img", uid, layout) on each of that image's own slots."""
+        slots = [("img", im.uid, view.layout) for im in view.images for _ in range(im.tokens[view.layout])]
         assert len(slots) == sum(view.rendered.image_mask), "the view was rendered with its images' counts"
         keys, slot = [], 0
         for tok, is_image in zip(view.rendered.input_ids, view.rendered.image_mask):
@@ -236,15 +245,18 @@ class ChatSession:
             slot += is_image
         return keys
 
-    def _features(self, images: list[_Image]) -> torch.Tensor | None:
+    def _features(self, images: list[_Image], layout: str) -> torch.Tensor | None:
         """Projected features [sum of the images' counts, H] in order, encoding only images not seen before."""
-        todo = [im for im in images if im.features is None]
-        for im, feats in zip(todo, self.model.encode_each([im.image for im in todo]) if todo else [], strict=True):
-            if feats.shape[0] != im.tokens:
+        todo = [im for im in images if layout not in im.features]
+        for im, feats in zip(todo, self.model.encode_each([im.image for im in todo], layout) if todo else [], strict=True):
+            if feats.shape[0] != im.tokens[layout]:
                 raise ValueError(f"the model encoded an image into {feats.shape[0]} features but counts "
-                                 f"{im.tokens} slots for it (image_token_counts); they must agree")
-            im.features = feats
-        return torch.cat([im.features for im in images]) if images else None
+                                 f"{im.tokens[layout]} slots for it (image_token_counts); they must agree")
+            im.features[layout] = feats
+        for im in images:  # a layout the conversation has left (OneVision's tiles once a 2nd image came)
+            for other in [k for k in im.features if k != layout]:
+                del im.features[other]
+        return torch.cat([im.features[layout] for im in images]) if images else None
 
     @torch.inference_mode()
     def prefill_steps(self, view: "_View", chunk: int | None = None) -> Iterator[None]:
@@ -259,7 +271,7 @@ class ChatSession:
             self._cache.crop(keep - len(self._cached_keys))  # negative: how many positions to remove
         self._cached_keys = keys[:keep]
         mask, ids = view.rendered.image_mask, view.rendered.input_ids
-        rows = self._features(view.images)
+        rows = self._features(view.images, view.layout)
         row = sum(mask[:keep])
         self.last_stats.prefill_tokens = len(keys) - keep
         start = keep
@@ -348,3 +360,5 @@ class _View:
     rendered: Rendered
     images: list[_Image]
     dropped: int
+    layout: str
+    """How its images are read (`MultimodalModel.image_layout` of their number)."""

@@ -89,20 +89,38 @@ class MultimodalModel(nn.Module):
         out = self.projector(feats.to(proj_param.device, proj_param.dtype))
         return out.to(self.llm.get_input_embeddings().weight.dtype)
 
-    def image_token_counts(self, images: Sequence[Image.Image]) -> list[int]:
-        """Slots each image takes in a prompt, in order (what `render` is given). LLaVA-1.5 squashes
+    def image_layout(self, images_in_prompt: int) -> str:
+        """How each image of a prompt holding `images_in_prompt` images is read: `square` (one
+        tower-sized square: LLaVA-1.5, and OneVision's images when a prompt has several, as
+        transformers reads them) or `tiles` (AnyRes: LLaVA-NeXT always, OneVision when alone)."""
+        if self.anyres is None or (self.anyres.tiles_only_alone and images_in_prompt > 1):
+            return "square"
+        return "tiles"
+
+    def image_token_counts(self, images: Sequence[Image.Image], layout: str | None = None) -> list[int]:
+        """Slots each image takes in a prompt, in order (what `render` is given). `layout`: as
+        `image_layout` says; None when `images` are all of one prompt's images. LLaVA-1.5 squashes
         every image to one tower-sized square, so each takes `image_tokens`; an AnyRes model's count
         depends on the image's size (`mmchat.anyres.num_image_tokens`)."""
-        if self.anyres is not None:
+        layout = layout or self.image_layout(len(images))
+        if layout == "tiles":
             return [anyres.num_image_tokens((im.height, im.width), self.anyres) for im in images]
+        if self.anyres is not None:
+            return [self.anyres.square_tokens] * len(images)
         return [self.image_tokens] * len(images)
 
-    def encode_each(self, images: Sequence[Image.Image]) -> list[torch.Tensor]:
+    def encode_each(self, images: Sequence[Image.Image], layout: str | None = None) -> list[torch.Tensor]:
         """Images -> each one's projected features [T_i, H], T_i its `image_token_counts` entry."""
         if not images:
             return []
-        if self.anyres is not None:
+        layout = layout or self.image_layout(len(images))
+        if layout == "tiles":
             return [self._encode_anyres(im) for im in images]
+        if self.anyres is not None:  # OneVision's several images: one padded square and a newline each
+            squares = self.encode_images(torch.cat([anyres.preprocess_square(im, self.anyres) for im in images]))
+            newline = getattr(self.projector, IMAGE_NEWLINE)
+            return [anyres.pack_image_features(square[None], newline, (im.height, im.width), self.anyres)
+                    for square, im in zip(squares, images)]
         return list(self.encode_images(torch.stack([preprocess(im, self.config.vision) for im in images])))
 
     def _encode_anyres(self, image: Image.Image) -> torch.Tensor:

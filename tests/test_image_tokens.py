@@ -33,20 +33,20 @@ class VariedCounts(MultimodalModel):
         super().__init__(model.config, model.vision, model.projector, model.llm, model.tokenizer)
         self.encoded: list[int] = []
 
-    def image_token_counts(self, images):
+    def image_token_counts(self, images, layout=None):
         return [im.width // 2 for im in images]
 
-    def encode_each(self, images):
+    def encode_each(self, images, layout=None):
         self.encoded.append(len(images))
-        feats = super().encode_each(images)  # [16, H] each, from the real tower and projector
+        feats = super().encode_each(images, layout)  # [16, H] each, from the real tower and projector
         return [f[torch.arange(n) % len(f)] for f, n in zip(feats, self.image_token_counts(images))]
 
 
 class CountsOnly(VariedCounts):
     """Counts that its features (the tower's 16 each) do not have: the session must refuse, naming both."""
 
-    def encode_each(self, images):
-        return MultimodalModel.encode_each(self, images)
+    def encode_each(self, images, layout=None):
+        return MultimodalModel.encode_each(self, images, layout)
 
 
 def _load(checkpoint, kind=VariedCounts):
@@ -104,7 +104,7 @@ def slots_of(session: ChatSession, widths: list[int], first: int = 0) -> list:
     """The keys the session's images from `first` on must have: their uid on each of their width // 2 slots."""
     images = session._images[first:]
     assert [im.image.width for im in images] == widths
-    return [("img", im.uid) for im in images for _ in range(im.image.width // 2)]
+    return [("img", im.uid, "square") for im in images for _ in range(im.image.width // 2)]
 
 
 # -- the renderer ---------------------------------------------------------------------------

@@ -348,8 +348,8 @@ def test_unusable_chat_template_fails_before_writing(tiny_llava_hf_dir, tmp_path
 
 
 UNSUPPORTED = {
-    "llava_onevision": ({"model_type": "llava_onevision", "architectures": ["LlavaOnevisionForConditionalGeneration"]},
-                        "LLaVA-OneVision"),
+    "llava_next_video": ({"model_type": "llava_next_video", "architectures": ["LlavaNextVideoForConditionalGeneration"]},
+                         "LLaVA-NeXT-Video"),
     "vipllava": ({"model_type": "vipllava", "architectures": ["VipLlavaForConditionalGeneration"]}, "VipLlava"),
     "mllama": ({"model_type": "mllama", "architectures": ["MllamaForConditionalGeneration"]}, "Llama 3.2 Vision"),
     "qwen2_vl": ({"model_type": "qwen2_vl", "architectures": ["Qwen2VLForConditionalGeneration"]}, "Qwen2-VL"),

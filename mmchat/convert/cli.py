@@ -2,12 +2,15 @@
 
     python -m mmchat.convert SRC DST                  # LLaVA folder or hub id -> mmchat checkpoint
     python -m mmchat.convert --to llava-hf SRC DST    # mmchat checkpoint -> LlavaForConditionalGeneration
+                                                      # (AnyRes: LlavaNext, or LlavaOnevision with anyres_max_N)
 
 SRC's format is detected from its config.json:
   llava-hf   what `LlavaForConditionalGeneration.save_pretrained` writes (`model_type: llava`,
              `text_config`, `vision_config`); loaded through transformers, which renames its keys.
   original   LLaVA's own `LlavaLlamaForCausalLM` (`mm_vision_tower`, `mm_projector_type`, ...): LLaMA
-             weights plus `model.mm_projector.*`; the CLIP tower is named, not included.
+             weights plus `model.mm_projector.*`; the CLIP tower is named, not included. LLaVA-NeXT's
+             (`image_aspect_ratio: anyres`, also `LlavaMistralForCausalLM`) adds its pinpoints and
+             `model.image_newline`, tiled as transformers' LlavaNext.
 """
 from __future__ import annotations
 
@@ -33,7 +36,8 @@ class ConvertArgs:
     dst: Path
     """The folder to write; it must not exist unless --force."""
     to: str = "mmchat"
-    """`mmchat` (from LLaVA) or `llava-hf` (from mmchat, for transformers / vLLM / SGLang / TGI)."""
+    """`mmchat` (from LLaVA) or `llava-hf` (from mmchat, for transformers / vLLM / SGLang / TGI: Llava, or for an
+    AnyRes checkpoint LlavaNext / LlavaOnevision)."""
     vision_tower: str | None = None
     """Original-format LLaVA only: use this CLIP instead of `mm_vision_tower`, as an open_clip
     `NAME/TAG` (e.g. `ViT-L-14-336/openai`) or a local transformers CLIP folder."""

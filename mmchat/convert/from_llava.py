@@ -2,11 +2,12 @@
 
 SRC's format is detected from its config.json:
   llava-hf   what `LlavaForConditionalGeneration.save_pretrained` writes (`model_type: llava`,
-             `text_config`, `vision_config`), or LlavaNext's (`llava_next`: AnyRes tiling); loaded
-             through transformers, which renames its keys.
-  original   LLaVA's own `LlavaLlamaForCausalLM` (`mm_vision_tower`, `mm_projector_type`, ...): LLaMA
-             weights plus `model.mm_projector.*`; the CLIP tower is named, and included only when it
-             was tuned (`model.vision_tower.vision_tower.*`, as xtuner's checkpoints).
+             `text_config`, `vision_config`), or LlavaNext's / LlavaOnevision's (`llava_next`,
+             `llava_onevision`: AnyRes tiling); loaded through transformers, which renames its keys.
+  original   LLaVA's own `LlavaLlamaForCausalLM` / `LlavaMistralForCausalLM` (`mm_vision_tower`,
+             `mm_projector_type`, ...): LLM weights plus `model.mm_projector.*` (LLaVA-NeXT's also
+             `image_aspect_ratio: anyres` and `model.image_newline`); the CLIP tower is named, and
+             included only when it was tuned (`model.vision_tower.vision_tower.*`, as xtuner's checkpoints).
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from mmchat.checkpoint import is_checkpoint, save_checkpoint
 from mmchat.convert.clip_weights import open_clip_from_hf
 from mmchat.convert.common import SELECT_STRATEGIES, ConvertError, check_destination, log
 from mmchat.convert.hf_folder import anyres_settings, choose_template, decoding, image_settings, stop_token_ids, with_pad
+from mmchat.convert.original_next import NEWLINE_KEY, is_next, next_tiling, tiling_problems
 from mmchat.convert.towers import TUNED_TOWER_PREFIX, tower_from_hf, with_tuned_tower
 from mmchat.config import (
     CLIP_MEAN,
@@ -41,10 +43,12 @@ OPENAI_TOWERS = {
     "openai/clip-vit-large-patch14": ("ViT-L-14", "openai"),
 }
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+# Original LLaVA's architectures -> the transformers (config, causal LM) its LLM weights load into.
+ORIGINAL_LLMS = {"LlavaLlamaForCausalLM": ("LlamaConfig", "LlamaForCausalLM"),
+                 "LlavaMistralForCausalLM": ("MistralConfig", "MistralForCausalLM")}
 # Vision-language models users mistake for LLaVA-1.5-style ones: config.json's model_type -> what it is.
 UNSUPPORTED = {
     "llava_next_video": "LLaVA-NeXT-Video (LlavaNextVideoForConditionalGeneration) is not yet supported",
-    "llava_onevision": "LLaVA-OneVision (LlavaOnevisionForConditionalGeneration, AnyRes tiling) is not yet supported",
     "vipllava": "VipLlava (VipLlavaForConditionalGeneration: several tower layers, visual prompts) is not supported",
     "mllama": "Llama 3.2 Vision (MllamaForConditionalGeneration: cross-attention layers) is not supported",
     "qwen2_vl": "Qwen2-VL (Qwen2VLForConditionalGeneration: its own tower, dynamic resolution) is not supported",
@@ -56,10 +60,12 @@ UNSUPPORTED = {
     "idefics3": "Idefics3 (Idefics3ForConditionalGeneration) is not supported",
 }
 SUPPORTED = ("mmchat converts llava-hf LlavaForConditionalGeneration folders (llava-1.5, bakLlava, llava-interleave, "
-             "xtuner llava-llama-3 / llava-phi-3, llava-gemma), LlavaNextForConditionalGeneration (llava-v1.6) "
-             "and original LLaVA-1.5 (LlavaLlamaForCausalLM)")
+             "xtuner llava-llama-3 / llava-phi-3, llava-gemma), LlavaNextForConditionalGeneration (llava-v1.6), "
+             "LlavaOnevisionForConditionalGeneration (llava-onevision) and original LLaVA-1.5 / LLaVA-NeXT (LlavaLlamaForCausalLM, "
+             "LlavaMistralForCausalLM)")
 # llava-hf model types -> transformers' class; NeXT adds AnyRes tiling and a learned image_newline.
-LLAVA_HF_CLASSES = {"llava": "LlavaForConditionalGeneration", "llava_next": "LlavaNextForConditionalGeneration"}
+LLAVA_HF_CLASSES = {"llava": "LlavaForConditionalGeneration", "llava_next": "LlavaNextForConditionalGeneration",
+                    "llava_onevision": "LlavaOnevisionForConditionalGeneration"}
 
 
 def to_mmchat(src: str, dst: Path, vision_tower: str | None = None, overwrite: bool = False, pad: bool | None = None,
@@ -134,6 +140,9 @@ def from_llava_hf(folder: Path, dst: Path, pad: bool | None = None, template: st
     model_class = getattr(transformers, LLAVA_HF_CLASSES[hf_config.model_type])
     check_llava_hf(hf_config)
     tiling = anyres_settings(folder, hf_config) if hf_config.model_type != "llava" else None
+    if hf_config.model_type == "llava_onevision":
+        log(f"note: {folder} also reads videos (video_token_index {hf_config.video_token_index}); mmchat converts "
+            "it for images only: videos are out of scope")
     tokenizer = AutoTokenizer.from_pretrained(folder)
     check_image_token(folder, tokenizer, hf_config.image_token_index)
     prompt = choose_template(folder, tokenizer, template)  # before the weights load: a bad template fails fast
@@ -210,8 +219,10 @@ def causal_lm(text_config, base_model: nn.Module, lm_head: nn.Module) -> nn.Modu
 
 def from_original(folder: Path, config: dict, dst: Path, vision_tower: str | None, pad: bool | None = None,
                   template: str | None = None) -> Path:
-    """Original LLaVA -> mmchat: LLaMA weights as a causal LM, `model.mm_projector.*` as the projector."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    """Original LLaVA -> mmchat: LLaMA (or Mistral) weights as a causal LM, `model.mm_projector.*` as the
+    projector; LLaVA-NeXT's (`image_aspect_ratio: anyres`) tiling as `vision.anyres` and its
+    `model.image_newline` beside the projector, tiled as transformers' LlavaNext (`original_next`)."""
+    from transformers import AutoTokenizer
 
     check_original(folder, config)
     tower_name = vision_tower or config.get("mm_vision_tower")
@@ -231,10 +242,12 @@ def from_original(folder: Path, config: dict, dst: Path, vision_tower: str | Non
     pads = config.get("image_aspect_ratio") == "pad"
     log(f"image_aspect_ratio={config.get('image_aspect_ratio')!r}: {'pad to square' if pads else 'no pad'}")
     vision_kwargs = with_pad({**vision_kwargs, "pad_to_square": pads}, pad)
+    tiling = next_tiling(folder, config) if is_next(config) else None
     try:
         vision = VisionConfig(
             select_layer=config["mm_vision_select_layer"],
             select_feature=config.get("mm_vision_select_feature", "patch"),  # LLaVA's default
+            anyres=tiling,
             **vision_kwargs,
         )
         projector_cfg = ProjectorConfig(config.get("mm_projector_type", "linear"), first.shape[1], first.shape[0])
@@ -247,22 +260,41 @@ def from_original(folder: Path, config: dict, dst: Path, vision_tower: str | Non
             f"has {sorted(projector.state_dict())}; fix mm_projector_type in {folder}/config.json"
         )
     projector.load_state_dict({k: v.float() for k, v in projector_state.items()})
+    if tiling is not None:
+        newline = read_tensors(folder, weight_files(folder), NEWLINE_KEY).get("")
+        if newline is None or newline.numel() != projector_cfg.out_dim:
+            raise ConvertError(f"{folder}: an anyres checkpoint needs {NEWLINE_KEY} of {projector_cfg.out_dim} values, found "
+                               f"{None if newline is None else tuple(newline.shape)}; is the download complete?")
+        add_image_newline(projector, projector_cfg.out_dim, newline)
 
-    llama_keys = set(LlamaConfig().to_dict()) | {"rope_scaling", "rope_theta", "torch_dtype"}
-    llama_config = LlamaConfig(**{k: v for k, v in config.items() if k in llama_keys and k != "model_type"})
-    log("loading the language model")
-    llm, info = LlamaForCausalLM.from_pretrained(folder, config=llama_config, dtype="auto", output_loading_info=True)
-    if info["missing_keys"]:
-        raise ConvertError(f"{folder} is missing LLaMA weights {sorted(info['missing_keys'])[:5]}; is the download complete?")
-    stray = sorted(k for k in info["unexpected_keys"] if "vision_tower" in k and not k.startswith(TUNED_TOWER_PREFIX))
-    if stray:
-        raise ConvertError(f"{folder} stores vision tower weights as {stray[0]}, ...; mmchat reads a tuned tower from {TUNED_TOWER_PREFIX}*")
+    llm = original_llm(folder, config)
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    prompt = choose_template(folder, tokenizer, template or "llava_v1")  # LLaVA's own format unless --template
+    # LLaVA's own format unless --template; LLaVA-NeXT-Mistral's tokenizer carries Mistral's [INST] chat template.
+    mistral = (config.get("architectures") or [""])[0] == "LlavaMistralForCausalLM"
+    prompt = choose_template(folder, tokenizer, template or (None if mistral else "llava_v1"))
     config_out = ModelConfig(vision=vision, projector=projector_cfg, template=prompt.name,
                              stop_token_ids=stop_token_ids(folder, tokenizer, prompt.end_of_turn))
     log(f"writing {dst}")
     return save_checkpoint(dst, config_out, projector, tokenizer, llm=llm, vision=visual, vision_model_cfg=clip_cfg)
+
+
+def original_llm(folder: Path, config: dict) -> nn.Module:
+    """The causal LM of an original checkpoint: config.json's LLM fields, the weights less LLaVA's own."""
+    import transformers
+
+    architecture = (config.get("architectures") or ["LlavaLlamaForCausalLM"])[0]
+    config_class, model_class = (getattr(transformers, name) for name in ORIGINAL_LLMS[architecture])
+    keys = set(config_class().to_dict()) | {"rope_scaling", "rope_theta", "torch_dtype"}
+    llm_config = config_class(**{k: v for k, v in config.items() if k in keys and k != "model_type"})
+    log(f"loading the language model ({model_class.__name__})")
+    llm, info = model_class.from_pretrained(folder, config=llm_config, dtype="auto", output_loading_info=True)
+    if info["missing_keys"]:
+        raise ConvertError(f"{folder} is missing {model_class.__name__} weights {sorted(info['missing_keys'])[:5]}; "
+                           "is the download complete?")
+    stray = sorted(k for k in info["unexpected_keys"] if "vision_tower" in k and not k.startswith(TUNED_TOWER_PREFIX))
+    if stray:
+        raise ConvertError(f"{folder} stores vision tower weights as {stray[0]}, ...; mmchat reads a tuned tower from {TUNED_TOWER_PREFIX}*")
+    return llm
 
 
 def check_original(folder: Path, config: dict) -> None:
@@ -270,18 +302,16 @@ def check_original(folder: Path, config: dict) -> None:
     if (folder / "adapter_config.json").is_file():
         raise ConvertError(f"{folder} is a LLaVA LoRA checkpoint; merge it into its base with LLaVA's scripts/merge_lora_weights.py first")
     problems = []
-    if architectures != ["LlavaLlamaForCausalLM"]:
-        problems.append(f"architectures={architectures} (only LlavaLlamaForCausalLM is supported)")
+    if len(architectures) != 1 or architectures[0] not in ORIGINAL_LLMS:
+        problems.append(f"architectures={architectures} (mmchat reads {' or '.join(ORIGINAL_LLMS)})")
     if "mm_vision_select_layer" not in config:
         problems.append("no mm_vision_select_layer")
     if config.get("mm_use_im_start_end"):
         problems.append("mm_use_im_start_end=true (image start/end tokens)")
-    if config.get("image_aspect_ratio") not in (None, "pad", "square"):
-        problems.append(f"image_aspect_ratio={config['image_aspect_ratio']!r} (LLaVA-NeXT tiling)")
-    if config.get("mm_patch_merge_type", "flat") != "flat":
-        problems.append(f"mm_patch_merge_type={config['mm_patch_merge_type']!r}")
+    problems += tiling_problems(config)
     if problems:
-        raise ConvertError(f"{folder}/config.json: {'; '.join(problems)}; mmchat supports LLaVA-1.5-style checkpoints")
+        raise ConvertError(f"{folder}/config.json: {'; '.join(problems)}; mmchat supports LLaVA-1.5- and LLaVA-NeXT-style "
+                           "checkpoints")
 
 
 def resolve_tower(name: str, from_flag: bool) -> tuple[dict, nn.Module | None, dict | None, int]:

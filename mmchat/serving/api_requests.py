@@ -35,9 +35,16 @@ class ApiError(Exception):
 
 
 def validation_error(e: ValidationError) -> ApiError:
-    first = e.errors()[0]
+    errors = e.errors()
+    # A content part of an unknown type fails both of content's shapes (a string, a list of parts):
+    # the part's own error says what is wrong, "should be a valid string" would not.
+    first = next((err for err in errors if err["type"] == "union_tag_invalid"), errors[0])
     loc = [str(p) for p in first["loc"] if not str(p).startswith(("function-", "list[", "str", "TextPart", "ImagePart"))]
     param = ".".join(loc) or None
+    if first["type"] == "union_tag_invalid":
+        kind = first["ctx"].get("tag")
+        return ApiError(400, f"{param}: content parts of type {kind!r} are not supported (video, audio and files are out "
+                        "of scope); send 'text' and 'image_url' parts", param, "unsupported_content")
     if first["type"] == "extra_forbidden":
         return ApiError(400, f"{param}: not supported by this server; leave it out", param, "unsupported_parameter")
     message = first["msg"].removeprefix("Value error, ")
@@ -206,7 +213,7 @@ def _text_of(content, param: str, images_allowed: bool) -> tuple[str, list[tuple
     return "\n".join(texts).strip(), images
 
 
-def conversation(request: ChatRequest, image_size: int, max_images: int, remote: RemoteImages) -> Conversation:
+def conversation(request: ChatRequest, image_size: int | None, max_images: int, remote: RemoteImages) -> Conversation:
     """Validate the messages' order and decode their images (blocking: run it in a thread)."""
     msgs = list(request.messages)
     system = None

@@ -62,7 +62,10 @@ def describe(model: MultimodalModel, config: ServeConfig, options: LoadOptions) 
 
 
 def _image_tokens(model: MultimodalModel) -> str:
-    if model.config.vision.anyres is not None:  # LLaVA-NeXT: a base tile plus a grid, per the image's shape
+    if model.anyres is not None and model.anyres.tiles_only_alone:  # OneVision: tiles for a lone image only
+        return (f"AnyRes (anyres_max_{model.anyres.max_tiles}): {model.image_tokens} tokens per tile, a tile grid "
+                f"for a lone image, {model.anyres.square_tokens} tokens per image when there are several")
+    if model.anyres is not None:  # LLaVA-NeXT: a base tile plus a grid, per the image's shape
         return f"AnyRes: {model.image_tokens} tokens per tile, a tile grid per image's shape"
     return f"{model.image_tokens} tokens per image"
 

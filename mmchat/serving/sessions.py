@@ -27,6 +27,7 @@ from PIL import Image
 
 from mmchat.answer import TurnStats
 from mmchat.chat import ChatSession
+from mmchat.config import VisionConfig
 from mmchat.conversation import ASSISTANT, USER, Message
 from mmchat.generate import GenerationConfig
 from mmchat.image import ImageError, load_image
@@ -40,11 +41,12 @@ class Busy(RuntimeError):
     """The conversation is still busy with an earlier request."""
 
 
-def prepare_image(source, image_size: int) -> Image.Image:
+def prepare_image(source, image_size: int | None) -> Image.Image:
     """A user's image as RGB, longest side at most 2×`image_size`; `ImageError` if unusable.
 
     The model sees `image_size` pixels after padding to a square, so twice that keeps what it
-    sees while a 12-megapixel photo costs ~1 MB of memory instead of ~36 MB.
+    sees while a 12-megapixel photo costs ~1 MB of memory instead of ~36 MB. `image_size` None
+    keeps every pixel (`kept_size`: AnyRes reads big images as many tiles).
     """
     try:
         image = load_image(source)
@@ -55,11 +57,18 @@ def prepare_image(source, image_size: int) -> Image.Image:
     if width * height < MIN_PIXELS:
         raise ImageError(f"the image is only {width}×{height} pixels, too small to show anything; "
                          "upload one of at least 8×8 pixels")
-    limit = 2 * image_size
-    if max(width, height) > limit:
+    limit = None if image_size is None else 2 * image_size
+    if limit is not None and max(width, height) > limit:
         scale = limit / max(width, height)
         image = image.resize((max(1, round(width * scale)), max(1, round(height * scale))), Image.Resampling.BICUBIC)
     return image
+
+
+def kept_size(vision: VisionConfig) -> int | None:
+    """`prepare_image`'s `image_size` for a model: its tower's, or None for AnyRes, which tiles the
+    image from its full size as transformers does (a downscale first would change every tile and
+    the grid; `load_image`'s pixel limit still bounds the memory)."""
+    return None if vision.anyres is not None else vision.image_size
 
 
 @dataclass
@@ -145,7 +154,7 @@ class Conversation:
                              "press Regenerate to answer it, or Undo to remove it")
         if not text or not text.strip():
             raise ValueError("the message is empty; type a question")
-        image = None if image_file is None else prepare_image(image_file, self.session.model.config.vision.image_size)
+        image = None if image_file is None else prepare_image(image_file, kept_size(self.session.model.config.vision))
         return Question(text.strip(), image_file, image)
 
     def check_regenerate(self) -> None:

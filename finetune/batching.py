@@ -19,7 +19,9 @@ def collate(examples: list[dict], pad_id: int) -> dict:
     """Examples -> a right-padded batch.
 
     input_ids, labels (IGNORE_INDEX on padding), attention_mask, image_mask: [B, L] with L the
-    longest example; pixel_values: [N, 3, S, S], the batch's images in order (N may be 0).
+    longest example; pixel_values: [N, 3, S, S], the batch's images in order (None when N is 0).
+    AnyRes examples' tiles are concatenated, [sum tiles_i, 3, S, S], with image_sizes [N, 2] and
+    image_tiles [N] to tell the images apart (both None for other models).
     """
     errors = [e["error"] for e in examples if "error" in e]
     if errors:
@@ -39,6 +41,9 @@ def collate(examples: list[dict], pad_id: int) -> dict:
         batch["image_mask"][row, :n] = e["image_mask"]
     images = [e["pixel_values"] for e in examples if e["pixel_values"] is not None]
     batch["pixel_values"] = torch.cat(images) if images else None
+    sizes = [e["image_size"] for e in examples if e.get("image_size") is not None]
+    batch["image_sizes"] = torch.stack(sizes) if sizes else None  # [N, 2]
+    batch["image_tiles"] = torch.tensor([len(p) for p in images]) if sizes else None  # [N]
     return batch
 
 

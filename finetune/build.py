@@ -3,7 +3,8 @@
 - align:    projector trainable; vision tower and LLM frozen (the LLM may be 4-bit).
 - instruct: projector + LoRA adapters on the LLM (QLoRA when the LLM is 4-bit NF4).
 - full:     projector + every LLM weight (16/32-bit; for small models).
-The vision tower is always frozen, float32 and in eval mode.
+The vision tower is always frozen, float32 and in eval mode. An AnyRes (LLaVA-NeXT) model's learned
+`image_newline` sits on the projector, so it trains, saves and loads with it.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from torch import nn
 from finetune.train_config import ALL_LINEAR, ConfigError, TrainConfig
 from mmchat.checkpoint import PROJECTOR_FILE, is_checkpoint, read_config, resolve_path
 from mmchat.config import ModelConfig, ProjectorConfig, VisionConfig
-from mmchat.model import LoadOptions, MultimodalModel, load_llm, load_tokenizer
+from mmchat.model import IMAGE_NEWLINE, LoadOptions, MultimodalModel, add_image_newline, load_llm, load_tokenizer
 from mmchat.projector import build_projector, patch_grid
 from mmchat.templates import CHAT, resolve_template
 from mmchat.vision import (
@@ -52,13 +53,18 @@ def build_model(cfg: TrainConfig, device: str) -> Built:
     tokenizer = load_tokenizer(tokenizer_ref)
     _check_template(cfg, tokenizer)
     llm = load_llm(llm_ref, options, adapter, trainable=adapter is not None and cfg.stage == "instruct")
+    newline, fresh = None, projector is None
     if projector is None:  # a new projector: its input is the tower's width, its output the LLM's
         config.projector = _new_projector_config(cfg, vision, config.vision, _embedding_width(llm))
         projector = build_projector(config.projector)
     elif isinstance(projector, dict):
-        config.projector = _projector_config(projector, cfg.projector_type, config.projector.act, config.projector.heads)
-        state, projector = projector, build_projector(config.projector)
+        state = dict(projector)
+        newline = state.pop(IMAGE_NEWLINE, None)
+        config.projector = _projector_config(state, cfg.projector_type, config.projector.act, config.projector.heads)
+        projector = build_projector(config.projector)
         projector.load_state_dict(state)
+    if config.vision.anyres is not None:
+        _add_newline(cfg, projector, config.projector, newline, fresh)
     config.template = cfg.template_name
     llm, targets = _set_trainable(llm, cfg, adapter)
     projector.to(device, torch.float32).requires_grad_(True)
@@ -73,9 +79,6 @@ def _from_checkpoint(cfg: TrainConfig):
         raise ConfigError(f"--model {ckpt} is not an mmchat checkpoint (no mmchat.json); convert a LLaVA "
                           "folder with `python -m mmchat.convert SRC DST`, or start from parts with --llm")
     config = read_config(ckpt)
-    if config.vision.anyres is not None:
-        raise ConfigError(f"--model {ckpt} is a LLaVA-NeXT (anyres) checkpoint; training one is not supported yet "
-                          "(its tiles would need per-image pixels in the batch): it runs in chat, the app and the server")
     vision = load_vision_tower(config.vision, ckpt)
     vision_cfg = vision_model_cfg(ckpt) if config.vision.pretrained is None else None
     projector = read_projector(Path(cfg.projector) if cfg.projector else ckpt / PROJECTOR_FILE)
@@ -104,6 +107,22 @@ def _from_parts(cfg: TrainConfig):
     llm_ref = _absolute(cfg.llm)
     config = ModelConfig(vision=vision_config, llm=llm_ref)
     return config, vision, vision_cfg, projector, llm_ref, llm_ref, None
+
+
+def _add_newline(cfg: TrainConfig, projector: nn.Module, config: ProjectorConfig, value: torch.Tensor | None,
+                 fresh: bool) -> None:
+    """An AnyRes model's `image_newline`: the loaded projector's, or for a new one random at
+    1/sqrt(width) (LLaVA-NeXT's initialisation)."""
+    if config.type == "resampler":
+        raise ConfigError("--projector-type resampler: an AnyRes (LLaVA-NeXT) tower's tiles are packed as patch grids, "
+                          "which a resampler's queries are not; use mlp2x_gelu or linear")
+    if value is None and not fresh:
+        source = f"--projector {cfg.projector}" if cfg.projector else f"--model {cfg.model}"
+        raise ConfigError(f"{source}: the projector has no {IMAGE_NEWLINE}, which an AnyRes (LLaVA-NeXT) model needs; "
+                          "pass a NeXT checkpoint's projector, or none (from parts) to start a new one")
+    if value is None:
+        value = torch.randn(config.out_dim) / config.out_dim**0.5
+    add_image_newline(projector, config.out_dim, value)
 
 
 def _check_features(vision: nn.Module, config: VisionConfig) -> None:

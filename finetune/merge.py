@@ -17,7 +17,7 @@ from pathlib import Path
 
 from finetune.build import vision_model_cfg
 from mmchat.checkpoint import LLM_DIR, read_config, read_projector_state, resolve_path, save_checkpoint
-from mmchat.model import LoadOptions, load_llm, load_tokenizer
+from mmchat.model import LoadOptions, add_image_newline, load_llm, load_tokenizer
 from mmchat.projector import build_projector
 from mmchat.vision import load_vision_tower
 
@@ -61,6 +61,8 @@ def merge(args: MergeArgs) -> Path:
                    adapter=resolve_path(src, config.adapter))
     llm = llm.merge_and_unload()
     projector = build_projector(config.projector)
+    if config.vision.anyres is not None:  # an AnyRes model's image_newline is saved with the projector
+        add_image_newline(projector, config.projector.out_dim)
     projector.load_state_dict(read_projector_state(src))
     own_vision = config.vision.pretrained is None
     merged = copy.deepcopy(config)

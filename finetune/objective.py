@@ -23,8 +23,10 @@ class AnswerLoss(nn.Module):
         base = model.llm.get_base_model() if hasattr(model.llm, "get_base_model") else model.llm
         self.keeps_logits = "logits_to_keep" in inspect.signature(base.forward).parameters
 
-    def forward(self, input_ids, image_mask, attention_mask, labels, pixel_values=None) -> torch.Tensor:
-        """[B, L] ids, masks and labels; pixel_values [N, 3, S, S] or None -> the summed answer loss.
+    def forward(self, input_ids, image_mask, attention_mask, labels, pixel_values=None, image_sizes=None,
+                image_tiles=None) -> torch.Tensor:
+        """[B, L] ids, masks and labels; pixel_values [N, 3, S, S] or None (an AnyRes model's tiles with
+        image_sizes and image_tiles, see `MultimodalModel.forward`) -> the summed answer loss.
 
         Position t predicts labels[t + 1]; dividing by the answer-token count of the whole
         optimizer step (all micro-batches, all ranks) is left to the caller.
@@ -33,7 +35,8 @@ class AnswerLoss(nn.Module):
         keep[:, :-1] = labels[:, 1:] != IGNORE_INDEX
         targets = labels[:, 1:][keep[:, :-1]]  # [N]
         extra = {"logits_to_keep": keep} if self.keeps_logits else {}
-        out = self.model(input_ids, image_mask, attention_mask, pixel_values, use_cache=False, **extra)
+        out = self.model(input_ids, image_mask, attention_mask, pixel_values, image_sizes=image_sizes,
+                         image_tiles=image_tiles, use_cache=False, **extra)
         logits = out.logits if out.logits.dim() == 2 else out.logits[keep]  # [N, V]
         loss = F.cross_entropy(logits.float(), targets, reduction="sum")
         if pixel_values is None or not len(pixel_values):

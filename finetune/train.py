@@ -200,15 +200,17 @@ def _data(cfg: TrainConfig, built: Built, store: RecordStore,
     model, main = built.model, accelerator.is_main_process
     progress = False if not main else cfg.progress
     settings = RenderSettings(model.tokenizer, resolve_template(cfg.template_name, model.tokenizer), model.image_tokens,
-                              model.config.image_token_id, cfg.max_length)
+                              model.config.image_token_id, cfg.max_length, model.anyres)
     data, image_root = Path(cfg.data), Path(cfg.image_root) if cfg.image_root else None
     stat = data.stat()
     fingerprint = "|".join(map(str, (data.resolve(), stat.st_size, stat.st_mtime_ns, model.tokenizer.name_or_path,
                                      len(model.tokenizer), settings.template, settings.image_tokens,
                                      settings.image_token_id, cfg.max_length)))
+    if model.anyres is not None:  # slot counts follow the images' sizes
+        fingerprint += f"|{model.anyres}|{image_root and image_root.resolve()}"
     with accelerator.main_process_first():
         index = load_or_build_index(store, settings, Path(cfg.output_dir) / INDEX_FILE, fingerprint, progress,
-                                    cfg.num_workers)
+                                    cfg.num_workers, image_root)
     world, rank = accelerator.num_processes, accelerator.process_index
     sampler = RankBatchSampler(index.lengths, cfg.batch_size, world, rank, cfg.seed, cfg.group_by_length)
     if main:
@@ -242,7 +244,8 @@ def _step(cfg: TrainConfig, accelerator, loss_module, window: list[dict], params
             with sync:
                 with accelerator.autocast():
                     loss = loss_module(batch["input_ids"], batch["image_mask"], batch["attention_mask"],
-                                       batch["labels"], batch["pixel_values"])
+                                       batch["labels"], batch["pixel_values"], batch["image_sizes"],
+                                       batch["image_tiles"])
                 accelerator.backward(loss * scale)
             loss_sum += loss.detach().float()
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or float("inf"))

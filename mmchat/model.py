@@ -147,14 +147,32 @@ class MultimodalModel(nn.Module):
             embeds = embeds.masked_scatter(image_mask.unsqueeze(-1), rows.to(embeds.dtype))
         return embeds
 
-    def forward(self, input_ids, image_mask, attention_mask=None, pixel_values=None, labels=None, **llm_kwargs):
-        """Training / scoring forward: [B, L] ids, masks and labels; pixel_values [N, 3, S, S]."""
-        if self.anyres is not None and pixel_values is not None:
-            raise ValueError("training on an anyres (LLaVA-NeXT / OneVision) checkpoint is not supported: mmchat runs "
-                             "it for chat, the app and the server only")
-        features = self.encode_images(pixel_values) if pixel_values is not None and len(pixel_values) else None
+    def forward(self, input_ids, image_mask, attention_mask=None, pixel_values=None, labels=None,
+                image_sizes=None, image_tiles=None, **llm_kwargs):
+        """Training / scoring forward: [B, L] ids, masks and labels; pixel_values [N, 3, S, S], the
+        batch's images in order. An AnyRes model takes every image's tiles instead: pixel_values
+        [sum tiles_i, 3, S, S], image_sizes [N, 2] (height, width) and image_tiles [N] (tiles_i)."""
+        features = None
+        if pixel_values is not None and len(pixel_values):
+            features = self.encode_images(pixel_values)  # [N or sum tiles_i, T, H]
+            if self.anyres is not None:
+                features = self.pack_tiles(features, image_sizes, image_tiles)  # [T_i, H] each
         embeds = self.embed(input_ids, image_mask, features)
         return self.llm(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels, **llm_kwargs)
+
+    def pack_tiles(self, tiles: torch.Tensor, image_sizes: torch.Tensor | None,
+                   image_tiles: torch.Tensor | None) -> list[torch.Tensor]:
+        """A batch's projected tiles [sum tiles_i, g*g, H], image i's tiles_i in a row (its base
+        first), -> each image packed [T_i, H] (`mmchat.anyres.pack_image_features`)."""
+        if image_sizes is None or image_tiles is None:
+            raise ValueError("an anyres model's pixel_values are tiles: pass image_sizes [N, 2] and image_tiles [N] "
+                             "(finetune.batching.collate does)")
+        if len(image_sizes) != len(image_tiles) or int(image_tiles.sum()) != tiles.shape[0]:
+            raise ValueError(f"{tiles.shape[0]} tiles, but image_tiles {image_tiles.tolist()} for "
+                             f"{len(image_sizes)} image sizes")
+        newline = getattr(self.projector, IMAGE_NEWLINE)
+        return [anyres.pack_image_features(each, newline, (h, w), self.anyres)
+                for each, (h, w) in zip(tiles.split(image_tiles.tolist()), image_sizes.tolist())]
 
 
 def _feature_rows(features) -> tuple[torch.Tensor | None, str]:

@@ -10,7 +10,6 @@ turns into labels through token offsets like any other answer text.
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, replace
 
 IMAGE_TOKEN = "<image>"
@@ -70,7 +69,7 @@ class Template:
     end_of_turn: str | None = None
     """`chat` only: the token that closes an answer (`<|im_end|>`, `<|eot_id|>`, ...), found on the
     probe; generation should stop there, as it may differ from the tokenizer's EOS. None when the
-    template closes answers with no token (it marks them with `{% generation %}`)."""
+    template closes answers with no token (it marks them with `{% generation %}`, or writes text)."""
     system_as: str | None = None
     """`chat` only: how the template takes a system message, found on the probe: `parts` (one text
     part, tried first when user messages go in as parts), `text` (a string), or None (it refuses
@@ -233,9 +232,9 @@ def chat_text(template: Template, messages: list, tokenizer,
     (`<|im_end|>`, `<|eot_id|>`, `<end_of_turn>`, `<|end|>`, `</s>`). What the template writes
     after that token (a newline, Phi-3's closing EOS) is not labelled: generation stops at the
     end-of-turn token, so the model never produces it; the template writes it when the next turn
-    is rendered. A template that marks answers with `{% generation %}` and closes them with no
-    token (llava-hf/llava-1.5's `ASSISTANT: answer USER: ...`) gets the answer's text alone: the
-    model ends it with EOS, which the template never writes.
+    is rendered. A template that closes answers with no token (llava-hf/llava-1.5's `ASSISTANT:
+    answer USER: ...`, marked with `{% generation %}`; llava-v1.6-mistral's `[/INST] answer<\\s> `)
+    gets the answer's text alone: the model ends it with EOS, which the template never writes.
 
     A system prompt (`template.system`, not None) goes first as `{"role": "system", "content": ...}`:
     one text part or a string, as the probe found the template reads it (`system_as`); it is never
@@ -268,20 +267,16 @@ def chat_text(template: Template, messages: list, tokenizer,
         if found:
             k, minus_length = min(found)  # the first control token after the answer (the longest, on a tie)
             end = k - minus_length
-        elif _marks_generation(template.chat_template):
-            end = start + len(answer)  # the template marks the answer ({% generation %}); the model ends it with EOS
         else:
-            raise ValueError(f"{_who(tokenizer)} writes no end-of-turn token after an answer, so a model could not "
-                             "learn to stop; use a template that closes turns with a special token")
+            # No token closes the answer: the template marks it ({% generation %}, llava-1.5's) or writes
+            # plain text after it (llava-v1.6-mistral's literal "<\s> "); the model ends it with EOS.
+            # Training from such a template is refused where it starts (finetune.build): no stop to learn.
+            end = start + len(answer)
         if text[:end] != turn[:end]:
             raise ValueError(f"{_who(tokenizer)} renders answer {i // 2 + 1} differently once later turns follow; "
                              "mmchat needs each turn rendered the same way in the whole conversation")
         spans.append((len(prompt), end))
     return text, spans
-
-
-def _marks_generation(source: str) -> bool:
-    return re.search(r"{%-?\s*generation\s*-?%}", source) is not None
 
 
 def _apply(template: Template, messages: list, tokenizer, add_generation_prompt: bool) -> str:

@@ -4,11 +4,16 @@ Records are checked and indexed once up front: each is rendered by `mmchat.conve
 (the one renderer, so labels can't drift from the tokens) to learn its length, and each image
 is checked to exist (stat, no decoding). Images are read and preprocessed lazily, in DataLoader
 workers. Records longer than `--max-length` are truncated and counted, never dropped.
+
+An AnyRes (LLaVA-NeXT) model gives each image its own number of slots, from its size: the index
+reads each image's size from its file header, and an example is the image's tiles
+[1 + rows*cols, 3, S, S] with its (height, width), which the model packs into that many features.
 """
 from __future__ import annotations
 
 import json
 import os
+import warnings
 from dataclasses import dataclass
 from numbers import Integral
 from pathlib import Path
@@ -16,20 +21,24 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
+from PIL import ExifTags, Image
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from finetune.data.check import conversation_problems
 from finetune.data.io import RECORD_SUFFIXES, BadLine, DataError, iter_records
 from finetune.train_log import bar_disabled
+from mmchat.anyres import AnyresSettings, Size, num_image_tokens, preprocess_anyres
 from mmchat.checkpoint import atomic_file
 from mmchat.config import VisionConfig
 from mmchat.conversation import IGNORE_INDEX, Rendered, messages_from_llava, render
-from mmchat.image import ImageError, load_image, preprocess
+from mmchat.image import MAX_PIXELS, ImageError, load_image, preprocess
 from mmchat.templates import Template
 
 SHOWN = 5
 """Broken records / missing images named in an error message."""
+TURNED = (5, 6, 7, 8)
+"""EXIF orientations that `load_image` (`ImageOps.exif_transpose`) turns by 90 degrees."""
 
 
 @dataclass
@@ -54,13 +63,25 @@ class RecordStore:
 
 @dataclass
 class RenderSettings:
-    """How records become token ids: the model's tokenizer, template and image slot count."""
+    """How records become token ids: the model's tokenizer, template and image slot counts."""
 
     tokenizer: Any
     template: Template
     image_tokens: int
     image_token_id: int | None
     max_length: int
+    anyres: AnyresSettings | None = None
+    """An AnyRes model's tiling (`MultimodalModel.anyres`): each image its own slots, from its size."""
+
+    def image_slots(self, sizes: Sequence[Size]) -> int | list[int]:
+        """What `render` and `truncate` take for a record whose images have `sizes` (height, width):
+        `image_tokens` for every image, or an AnyRes model's count of each. A record holds at most one
+        image, and every AnyRes model tiles an image alone in its prompt (NeXT always, OneVision when
+        alone), so this is `MultimodalModel.image_token_counts([image])` as a function of the size."""
+        if self.anyres is None:
+            return self.image_tokens
+        assert len(sizes) <= 1, "LLaVA records hold one image"
+        return [num_image_tokens(size, self.anyres) for size in sizes]
 
 
 @dataclass
@@ -128,11 +149,28 @@ def _shown(lines: list[str]) -> list[str]:
     return lines[:SHOWN] + ([f"... and {len(lines) - SHOWN} more"] if len(lines) > SHOWN else [])
 
 
-def render_record(record: dict, settings: RenderSettings) -> Rendered:
-    """One record rendered by mmchat's renderer, before truncation."""
+def render_record(record: dict, settings: RenderSettings, sizes: Sequence[Size] = ()) -> Rendered:
+    """One record rendered by mmchat's renderer, before truncation; `sizes`: its image's (height,
+    width), which an AnyRes model's slot count needs."""
     messages = messages_from_llava(record["conversations"])
-    return render(messages, settings.template, settings.tokenizer, settings.image_tokens,
+    return render(messages, settings.template, settings.tokenizer, settings.image_slots(sizes),
                   image_token_id=settings.image_token_id)
+
+
+def image_size(path: Path) -> Size:
+    """(height, width) of the image `load_image(path)` gives, from the file's header (no decoding)
+    unless the image is big enough for `load_image` to shrink or refuse, or the header is unreadable."""
+    try:
+        with warnings.catch_warnings(), Image.open(path) as image:
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            width, height = image.size
+            turned = image.getexif().get(ExifTags.Base.Orientation) in TURNED
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        width = height = None  # load_image says what is wrong
+    if width is None or width * height > MAX_PIXELS:
+        image = load_image(path)
+        return image.height, image.width
+    return (width, height) if turned else (height, width)
 
 
 def truncate(rendered: Rendered, max_length: int, image_tokens: int | Sequence[int]) -> Rendered:
@@ -157,15 +195,22 @@ def truncate(rendered: Rendered, max_length: int, image_tokens: int | Sequence[i
 class _IndexEntries(Dataset):
     """(full length, trained length, answer tokens) of record i, for DataLoader workers to compute."""
 
-    def __init__(self, store: RecordStore, settings: RenderSettings):
-        self.store, self.settings = store, settings
+    def __init__(self, store: RecordStore, settings: RenderSettings, image_root: Path | None):
+        self.store, self.settings, self.image_root = store, settings, image_root
 
     def __len__(self) -> int:
         return len(self.store)
 
     def __getitem__(self, i: int) -> tuple[int, int, int]:
-        rendered = render_record(self.store[i], self.settings)
-        short = truncate(rendered, self.settings.max_length, self.settings.image_tokens)
+        record = self.store[i]
+        sizes = []
+        if self.settings.anyres is not None and record.get("image"):
+            try:
+                sizes.append(image_size((self.image_root or Path("/")) / record["image"]))
+            except ImageError as e:
+                raise DataError(f"record {record_id(record, i + 1)}: {e} (--image-root {self.image_root})") from None
+        rendered = render_record(record, self.settings, sizes)
+        short = truncate(rendered, self.settings.max_length, self.settings.image_slots(sizes))
         return len(rendered), len(short), sum(label != IGNORE_INDEX for label in short.labels)
 
 
@@ -174,15 +219,16 @@ def _as_table(rows: list[tuple[int, int, int]]) -> np.ndarray:
 
 
 def build_index(store: RecordStore, settings: RenderSettings, progress: bool | None = None,
-                workers: int = 0) -> DataIndex:
-    """Render every record once for its length (tokenisation only; no image is opened).
+                workers: int = 0, image_root: Path | None = None) -> DataIndex:
+    """Render every record once for its length (tokenisation only; no image is decoded: an AnyRes
+    model's slot counts take each image's size from its file header, under `image_root`).
 
     LLaVA-665K takes minutes on one core, so `workers` processes share the work (the store is
     inherited, not copied) when there are enough records to pay for starting them.
     """
     from torch.utils.data import DataLoader
 
-    entries = _IndexEntries(store, settings)
+    entries = _IndexEntries(store, settings, image_root)
     loader = DataLoader(entries, batch_size=1024, num_workers=workers if len(store) > 20_000 else 0,
                         collate_fn=_as_table)
     bar = tqdm(total=len(store), desc="tokenise", unit="rec", disable=bar_disabled(progress), leave=False)
@@ -196,13 +242,13 @@ def build_index(store: RecordStore, settings: RenderSettings, progress: bool | N
 
 
 def load_or_build_index(store: RecordStore, settings: RenderSettings, cache: Path, fingerprint: str,
-                        progress: bool | None = None, workers: int = 0) -> DataIndex:
+                        progress: bool | None = None, workers: int = 0, image_root: Path | None = None) -> DataIndex:
     """The index from `cache` when it was built with the same `fingerprint`, else built and cached."""
     if cache.is_file():
         with np.load(cache) as saved:
             if str(saved["fingerprint"]) == fingerprint and len(saved["lengths"]) == len(store):
                 return DataIndex(saved["full_lengths"], saved["lengths"], saved["answer_tokens"])
-    index = build_index(store, settings, progress, workers)
+    index = build_index(store, settings, progress, workers, image_root)
     with atomic_file(cache) as tmp:
         np.savez(tmp, fingerprint=np.array(fingerprint), full_lengths=index.full_lengths, lengths=index.lengths,
                  answer_tokens=index.answer_tokens)
@@ -210,8 +256,10 @@ def load_or_build_index(store: RecordStore, settings: RenderSettings, cache: Pat
 
 
 class LlavaDataset(Dataset):
-    """Examples for training: a dict of tensors, or {"error": message} for an unreadable image
-    (raised by the training loop, so the user sees one line instead of a worker traceback)."""
+    """Examples for training: input_ids, labels, image_mask [L] and pixel_values [1, 3, S, S] or None
+    (an AnyRes model: the image's tiles [1 + rows*cols, 3, S, S] and its image_size [2], height and
+    width); or {"error": message} for an unreadable image (raised by the training loop, so the user
+    sees one line instead of a worker traceback)."""
 
     def __init__(self, store: RecordStore, settings: RenderSettings, vision: VisionConfig, image_root: Path | None):
         self.store = store
@@ -223,18 +271,26 @@ class LlavaDataset(Dataset):
         return len(self.store)
 
     def __getitem__(self, i: int) -> dict:
-        record = self.store[i]
-        rendered = truncate(render_record(record, self.settings), self.settings.max_length, self.settings.image_tokens)
-        pixel_values = None
-        if sum(rendered.image_mask):
-            path = (self.image_root or Path("/")) / record["image"]
-            try:
-                pixel_values = preprocess(load_image(path), self.vision).unsqueeze(0)  # [1, 3, S, S]
-            except ImageError as e:
-                return {"error": f"record {record_id(record, i + 1)}: {e} (--image-root {self.image_root})"}
+        record, anyres = self.store[i], self.settings.anyres
+        try:
+            image = self._image(record) if anyres is not None and record.get("image") else None  # sized first
+            sizes = [] if image is None else [(image.height, image.width)]
+            rendered = truncate(render_record(record, self.settings, sizes), self.settings.max_length,
+                                self.settings.image_slots(sizes))
+            example = {"pixel_values": None}
+            if sum(rendered.image_mask) and anyres is not None:
+                pixels, size = preprocess_anyres(image, anyres)
+                example = {"pixel_values": pixels, "image_size": torch.tensor(size)}  # [1 + rows*cols, 3, S, S], [2]
+            elif sum(rendered.image_mask):
+                example["pixel_values"] = preprocess(self._image(record), self.vision).unsqueeze(0)  # [1, 3, S, S]
+        except ImageError as e:
+            return {"error": f"record {record_id(record, i + 1)}: {e} (--image-root {self.image_root})"}
         return {
             "input_ids": torch.tensor(rendered.input_ids, dtype=torch.long),  # [L]
             "labels": torch.tensor(rendered.labels, dtype=torch.long),  # [L]
             "image_mask": torch.tensor(rendered.image_mask, dtype=torch.bool),  # [L]
-            "pixel_values": pixel_values,
+            **example,
         }
+
+    def _image(self, record: dict) -> Image.Image:
+        return load_image((self.image_root or Path("/")) / record["image"])

@@ -11,6 +11,10 @@ to return freed blocks; torch's allocator peak on GPU), the coefficients `benchm
 cannot derive are fitted by least squares, and the model then predicts LLaMA-7B/13B + CLIP
 ViT-L/14-336 on a GPU, which fits on 12, 16 and 24 GB cards, and how that compares with
 published figures. What stays loaded is checked against the tensors' own byte counts.
+
+`--image-tokens` (mlp, resampler with `--queries`, anyres with `--grid`) sets how the image becomes
+tokens: the sequence keeps `--seq-len`'s text and answers and takes the strategy's image tokens, and the
+projector's saved tensors are counted on every tile; a table compares the three strategies at 7B.
 """
 from __future__ import annotations
 
@@ -25,7 +29,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from benchmarks.common import machine, peak_memory_mb, reset_peak_memory, rss_mb, run_worker
-from benchmarks.memory_model import LLAMA
+from benchmarks.image_strategy import STRATEGIES, ImageTokens, add_flags, from_flags
+from benchmarks.memory_model import CLIP_L_336, LLAMA
 from benchmarks.memory_report import report
 
 VOCAB = 32000  # LLaMA's: the logits term is per vocabulary entry
@@ -43,6 +48,9 @@ class MemoryBenchConfig:
     """LoRA rank of the prediction (the shipped config: 128 on every linear layer)."""
     answer_fraction: float = 0.5
     """Share of positions that are followed by an answer token (the only ones with logits)."""
+    image_tokens: ImageTokens = field(default_factory=ImageTokens)
+    """How the image becomes tokens. `seq_len` and `answer_fraction` describe LLaVA-1.5's sequence (576
+    image tokens); another strategy keeps its text and answers and swaps the image's tokens."""
     vision_dtype: str = "fp32"
     """The frozen tower as mmchat keeps it (fp32), or bf16."""
     quick: bool = False
@@ -66,6 +74,10 @@ class MemoryBenchConfig:
             raise ValueError(f"--answer-fraction must be in (0, 1], got {self.answer_fraction}")
         if self.seq_len < 1 or self.batch < 1:
             raise ValueError(f"--seq-len {self.seq_len} and --batch {self.batch} must be at least 1")
+        text = self.seq_len - CLIP_L_336.tokens
+        if self.answer_fraction * self.seq_len > text:
+            raise ValueError(f"--answer-fraction {self.answer_fraction} of --seq-len {self.seq_len} is more answer "
+                             f"positions than the {max(text, 0)} text tokens beside {CLIP_L_336.tokens} image tokens")
         if not self.shapes:
             self.shapes = [(256, 2, 16), (512, 2, 128)] if self.quick else [
                 (256, 2, 16), (512, 2, 128), (768, 2, 256), (512, 4, 16), (1024, 2, 64)]
@@ -129,52 +141,21 @@ def measure_shape(job: dict) -> dict:
     import peft  # noqa: F401  (imported before the baseline: code pages are not the model's)
     import torch
 
-    from finetune.build import build_model, set_train_mode, trainable_parameters
-    from finetune.objective import AnswerLoss
-    from finetune.optim import make_optimizer, param_groups
-    from mmchat.conversation import IGNORE_INDEX
-    from finetune.train_config import TrainConfig
+    from benchmarks.stage2_step import load_stage2, train_step
 
     device = job["device"]
     on_gpu = device.startswith("cuda")
-    cfg = TrainConfig(model=job["checkpoint"], data="unused.json", output_dir="unused", lora_r=job["lora_r"],
-                      lora_alpha=2 * job["lora_r"], optimizer="paged_adamw_8bit" if on_gpu else "adamw",
-                      cpu=not on_gpu, precision="bf16" if on_gpu else "fp32")
     _trim()
     before = torch.cuda.memory_allocated() if on_gpu else rss_mb() * 2**20
-    built = build_model(cfg, device)
-    model = built.model
-    set_train_mode(model)
-    loss_module = AnswerLoss(model)
-    params = list(trainable_parameters(model).values())
-    optimizer = make_optimizer(param_groups(model, cfg), cfg, torch.device(device))
-    vocab = model.llm.get_output_embeddings().weight.shape[0]
-    slots, size = model.image_tokens, model.config.vision.image_size
+    st = load_stage2(job["checkpoint"], job["lora_r"], device)
+    model = st.model
     base_llm = model.llm.get_base_model()
-
-    def step(batch: int, seq: int, answers: float) -> None:
-        g = torch.Generator().manual_seed(0)
-        ids = torch.randint(4, vocab, (batch, seq), generator=g)
-        image_mask = torch.zeros(batch, seq, dtype=torch.bool)
-        image_mask[:, 1:1 + slots] = True  # one image per sequence, after BOS, as LLaVA's records
-        labels = torch.full((batch, seq), IGNORE_INDEX)
-        n = max(1, int(answers * seq))
-        labels[:, seq - n:] = ids[:, seq - n:]
-        pixels = torch.randn(batch, 3, size, size, generator=g)
-        batch_tensors = [t.to(device) for t in (ids, image_mask, torch.ones_like(ids), labels, pixels)]
-        with torch.autocast(device.split(":")[0], torch.bfloat16, enabled=on_gpu):
-            loss = loss_module(*batch_tensors)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    step(1, slots + 16, 0.5)  # creates the optimizer states: from here on they are part of "loaded"
+    train_step(st, 1, model.image_tokens + 16, 0.1)  # creates the optimizer states: from here on they are "loaded"
     _trim()
     loaded = torch.cuda.memory_allocated() if on_gpu else rss_mb() * 2**20
-    out = {"trainable": sum(p.numel() for p in params), "loaded_bytes": loaded - before,
-           "tensors": _tensor_bytes(model, optimizer), "vision_params": sum(p.numel() for p in model.vision.parameters()),
-           "image_tokens": slots, "points": []}
+    out = {"trainable": sum(p.numel() for p in st.params), "loaded_bytes": loaded - before,
+           "tensors": _tensor_bytes(model, st.optimizer), "vision_params": sum(p.numel() for p in model.vision.parameters()),
+           "image_tokens": model.image_tokens, "points": []}
     for batch, seq, checkpointing, answers in job["points"]:
         if checkpointing:
             base_llm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -184,12 +165,32 @@ def measure_shape(job: dict) -> dict:
         start_bytes = torch.cuda.memory_allocated() if on_gpu else rss_mb() * 2**20
         reset_peak_memory(device)
         tick = time.perf_counter()
-        step(batch, seq, answers)
+        train_step(st, batch, seq, answers)
         peak = peak_memory_mb(device) * 2**20
         out["points"].append({"batch": batch, "seq_len": seq, "gradient_checkpointing": checkpointing,
                               "answer_fraction": max(1, int(answers * seq)) / seq, "step_bytes": peak - start_bytes,
                               "seconds": time.perf_counter() - tick})
     return out
+
+
+def saved_bytes(module, forward, autocast: bool) -> int:
+    """Bytes autograd keeps for backward while `forward()` runs, `module`'s own weights left out
+    (a bf16 copy that autocast makes of one is counted)."""
+    import torch
+
+    weights = {p.untyped_storage().data_ptr() for p in module.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in weights:
+            seen[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
+            torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+        forward()
+    return sum(seen.values())
 
 
 def bf16_ratio(hidden: int = 256, layers: int = 2, seq: int = 128) -> float:
@@ -210,22 +211,58 @@ def bf16_ratio(hidden: int = 256, layers: int = 2, seq: int = 128) -> float:
         model = get_peft_model(LlamaForCausalLM(config).to(dtype), LoraConfig(
             r=16, lora_dropout=0.05, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                                                      "down_proj"])).train()
-        weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
-        seen: dict[int, int] = {}
-
-        def pack(t):
-            ptr = t.untyped_storage().data_ptr()
-            if ptr not in weights:
-                seen[ptr] = t.untyped_storage().nbytes()
-            return t
-
         ids = torch.randint(0, 1024, (1, seq))
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
-                torch.autocast("cpu", torch.bfloat16, enabled=autocast):
-            model(input_ids=ids, logits_to_keep=1)
-        return sum(seen.values())
+        return saved_bytes(model, lambda: model(input_ids=ids, logits_to_keep=1), autocast)
 
     return saved(torch.bfloat16, True) / saved(torch.float32, False)
+
+
+def projector_saved_bytes(projector, patches: int) -> tuple[float, float]:
+    """(bytes per tile, bytes per step) the projector of `ProjectorConfig` `projector` keeps for its
+    backward under bf16 autocast (the GPU setup), on tiles of `patches` tower features.
+
+    Counted with saved-tensor hooks at the real widths on 1 and 2 tiles of 16 and 36 patches (a bf16
+    matmul over 576 is slow on a CPU), then extrapolated: both counts are linear in the patches (the
+    resampler's attention too: its queries are fixed). Per step: the bf16 weight copies its backward uses.
+    """
+    import torch
+
+    from mmchat.projector import build_projector
+
+    with torch.device("meta"):  # no initialisation: the bytes do not depend on the values
+        module = build_projector(projector)
+    module = module.to_empty(device="cpu").float().requires_grad_(True)
+    g = torch.Generator().manual_seed(0)
+
+    def count(tiles: int, n: int) -> int:
+        features = torch.randn(tiles, n, projector.in_dim, generator=g)  # the tower's output: no gradient
+        return saved_bytes(module, lambda: module(features), autocast=True)
+
+    one = {n: count(1, n) for n in (16, 36)}
+    per_tile = {n: count(2, n) - one[n] for n in (16, 36)}
+    slope = (per_tile[36] - per_tile[16]) / 20
+    return per_tile[16] + slope * (patches - 16), one[16] - per_tile[16]
+
+
+def image_side(chosen: ImageTokens) -> list[dict]:
+    """Each strategy (`chosen`'s settings for its own) on CLIP ViT-L/14-336: image tokens, tiles, and what
+    the projector keeps for backward at each model size's width."""
+    from mmchat.config import ProjectorConfig
+
+    vision, out, cache = CLIP_L_336, [], {}
+    for name in STRATEGIES:
+        strategy = chosen if chosen.strategy == name else ImageTokens(name)
+        saved = {}
+        for size, llm in LLAMA.items():
+            queries = strategy.queries if name == "resampler" else None
+            key = (queries, llm.hidden)
+            if key not in cache:
+                cache[key] = projector_saved_bytes(ProjectorConfig(
+                    "resampler" if queries else "mlp2x_gelu", vision.width, llm.hidden, queries=queries), vision.tokens)
+            per_tile, per_step = cache[key]
+            saved[size] = {"per_sequence": per_tile * strategy.tiles, "per_step": per_step}
+        out.append({**strategy.to_dict(), "image_tokens": strategy.count(336, 14), "saved": saved})
+    return out
 
 
 # ------------------------------------------------------------------ orchestration
@@ -264,10 +301,11 @@ def run(cfg: MemoryBenchConfig) -> dict:
                    "device": cfg.device, "threads": cfg.threads}
             shapes.append({"hidden": hidden, "layers": layers, "lora_r": r, "shape": asdict(shape),
                            **_run_job(job, work, f"h{hidden}-l{layers}-r{r}")})
-    print("counting saved activation bytes under bf16 autocast", file=sys.stderr)
+    print("counting saved activation bytes under bf16 autocast (the LLM, the projectors)", file=sys.stderr)
     ratio = bf16_ratio()
-    return {"config": {**asdict(cfg), "out": str(cfg.out)}, "machine": machine(), "seconds": time.perf_counter() - started,
-            "bf16_ratio": ratio, "shapes": shapes}
+    return {"config": {**asdict(cfg), "image_tokens": cfg.image_tokens.to_dict(), "out": str(cfg.out)},
+            "machine": machine(), "seconds": time.perf_counter() - started, "bf16_ratio": ratio,
+            "image_side": image_side(cfg.image_tokens), "shapes": shapes}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -280,6 +318,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--answer-fraction", type=float, default=0.5,
                    help="share of positions followed by an answer token (default: 0.5)")
     p.add_argument("--vision-dtype", default="fp32", choices=["fp32", "bf16"])
+    add_flags(p)
     p.add_argument("--quick", action="store_true", help="two fit shapes (≤ 2 min on 2 CPU cores)")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     p.add_argument("--device", default="cpu", help="where to measure the fit: cpu, or cuda")
@@ -289,9 +328,12 @@ def main(argv: list[str] | None = None) -> int:
     if a.worker:
         _worker(a.worker)
         return 0
-    cfg = MemoryBenchConfig(model_size=a.model_size, seq_len=a.seq_len, batch=a.batch, lora_r=a.lora_r,
-                            answer_fraction=a.answer_fraction, vision_dtype=a.vision_dtype, quick=a.quick, out=a.out,
-                            device=a.device, threads=a.threads)
+    try:
+        cfg = MemoryBenchConfig(model_size=a.model_size, seq_len=a.seq_len, batch=a.batch, lora_r=a.lora_r,
+                                answer_fraction=a.answer_fraction, vision_dtype=a.vision_dtype,
+                                image_tokens=from_flags(a), quick=a.quick, out=a.out, device=a.device, threads=a.threads)
+    except ValueError as e:
+        p.error(str(e))
     return report(run(cfg), cfg.out)
 
 

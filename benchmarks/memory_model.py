@@ -9,6 +9,8 @@ Peak = what stays loaded + the largest of three moments of a training step + a c
   every layer's activations) + the logits at answer positions (mmchat computes no others;
   `finetune/objective.py`);
 - recompute (gradient checkpointing): each layer's input + one layer's forward rerun in backward;
+- in those two, what the projector keeps for its backward, on every tile of the image (AnyRes runs
+  1 + rows × cols): counted, not fitted; the frozen tower runs without gradients and keeps nothing;
 - end of backward and optimizer step: the trainable weights' float32 gradients;
 - in the last two, bitsandbytes' unpacked copy of the weight being multiplied (an MLP matrix in
   the compute dtype; it exists only during that matmul, and counts as activations below);
@@ -69,10 +71,19 @@ class VisionShape:
     params: int
     width: int
     tokens: int
+    """Image tokens per tile (the projector's output per tower pass)."""
+    queries: int | None = None
+    """A `resampler` projector's learned queries; None: mlp2x_gelu."""
 
     def projector_params(self, hidden: int) -> int:
-        """mlp2x_gelu: Linear(width → hidden), GELU, Linear(hidden → hidden); none without a tower."""
-        return (self.width * hidden + hidden + hidden * hidden + hidden) if self.width else 0
+        """mlp2x_gelu: Linear(width → hidden), GELU, Linear(hidden → hidden); none without a tower.
+        resampler: the queries, Linear(width → hidden, no bias), three LayerNorms, multi-head attention
+        (in_proj 3 hidden², out_proj hidden², with biases), Linear(hidden → hidden)."""
+        if not self.width:
+            return 0
+        if self.queries is not None:
+            return self.queries * hidden + self.width * hidden + 3 * 2 * hidden + 4 * hidden * (hidden + 1) + hidden * (hidden + 1)
+        return self.width * hidden + hidden + hidden * hidden + hidden
 
 
 CLIP_L_336 = VisionShape("CLIP ViT-L/14-336", 304_000_000, 1024, 576)
@@ -114,6 +125,11 @@ class Workload:
     """Share of positions whose next token is an answer token (only those get logits)."""
     vision_bytes: int = 4
     """The frozen tower: mmchat keeps it float32 (4); 2 if cast to bf16."""
+    image_bytes_per_sequence: float = 0.0
+    """What the projector keeps for its backward for one sequence's image (all its tiles): counted, not
+    fitted (`benchmarks.memory.projector_saved_bytes`). The tower runs without gradients and keeps nothing."""
+    image_bytes_per_step: float = 0.0
+    """The same, once a step: the bf16 copies of projector weights its backward multiplies by."""
 
     @property
     def tokens(self) -> int:
@@ -159,13 +175,15 @@ def moments(llm: LlmShape, work: Workload, prec: Precision, trainable: float) ->
     th = work.tokens * llm.hidden * prec.act_bytes
     logit_elems = work.answer_fraction * work.tokens * llm.vocab
     checkpoints = llm.layers * work.tokens * llm.hidden * prec.weight_bytes  # each layer's input
+    # the projector's saved tensors live until the backward pass reaches it, after every LLM layer
+    image = work.batch * work.image_bytes_per_sequence + work.image_bytes_per_step
     dequantised = llm.hidden * llm.intermediate * prec.weight_bytes  # an MLP weight, unpacked for a matmul
     out = {"gradients": (np.array([0.0, 0.0, 0.0, trainable * 4.0, 1.0]), dequantised)}
     if work.gradient_checkpointing:
-        out["logits"] = (np.array([0.0, 0.0, logit_elems, 0.0, 1.0]), checkpoints)
-        out["recompute"] = (np.array([th, 0.0, 0.0, 0.0, 1.0]), checkpoints + dequantised)
+        out["logits"] = (np.array([0.0, 0.0, logit_elems, 0.0, 1.0]), checkpoints + image)
+        out["recompute"] = (np.array([th, 0.0, 0.0, 0.0, 1.0]), checkpoints + dequantised + image)
     else:
-        out["logits"] = (np.array([0.0, llm.layers * th, logit_elems, 0.0, 1.0]), 0.0)
+        out["logits"] = (np.array([0.0, llm.layers * th, logit_elems, 0.0, 1.0]), image)
     return out
 
 

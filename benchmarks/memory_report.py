@@ -83,15 +83,30 @@ def _static_report(data: dict) -> None:
           "buffers, which the tensor count leaves out)")
 
 
-def _predictions(cfg: dict, coef: Coefficients, prec) -> dict:
-    work = Workload(cfg["seq_len"], cfg["batch"], True, cfg["lora_r"], cfg["answer_fraction"],
-                    4 if cfg["vision_dtype"] == "fp32" else 2)
+def strategy_case(cfg: dict, side: dict, size: str) -> tuple[VisionShape, Workload]:
+    """The tower and the workload of one image-token strategy (`side`, an `image_side` entry) at model
+    `size`: `--seq-len`'s text (all but LLaVA-1.5's 576 image tokens) and its answer positions, plus the
+    strategy's image tokens; the projector's saved tensors on every tile."""
+    seq = cfg["seq_len"] - CLIP_L_336.tokens + side["image_tokens"]
+    answers = cfg["answer_fraction"] * cfg["seq_len"]
+    vision = replace(CLIP_L_336, queries=side["queries"] if side["strategy"] == "resampler" else None)
+    saved = side["saved"][size]
+    return vision, Workload(seq, cfg["batch"], True, cfg["lora_r"], answers / seq, 4 if cfg["vision_dtype"] == "fp32" else 2,
+                            saved["per_sequence"], saved["per_step"])
+
+
+def _chosen(data: dict) -> dict:
+    return next(s for s in data["image_side"] if s["strategy"] == data["config"]["image_tokens"]["strategy"])
+
+
+def _predictions(data: dict, coef: Coefficients, prec) -> dict:
     columns, parts = {}, {}
     for size in ("7b", "13b"):
+        vision, work = strategy_case(data["config"], _chosen(data), size)
         for checkpointing in (True, False):
             w = replace(work, gradient_checkpointing=checkpointing)
             key = f"{size} {'ckpt' if checkpointing else 'no ckpt'}"
-            parts[key] = breakdown(LLAMA[size], CLIP_L_336, w, prec, coef)
+            parts[key] = breakdown(LLAMA[size], vision, w, prec, coef)
             columns[key] = sum(parts[key].values())
     names = list(parts[next(iter(parts))])
     rows = [[n] + [_gb(parts[k][n]) for k in parts] for n in names] + [["total"] + [_gb(v) for v in columns.values()]]
@@ -137,15 +152,41 @@ def _activation_growth(llm: LlmShape, work: Workload, prec, coef: Coefficients) 
     return (step(2048) - step(384)) / 1664
 
 
-def _cards(coef: Coefficients, prec, cfg: dict) -> list[list]:
+def _cards(coef: Coefficients, prec, data: dict) -> list[list]:
+    """Largest batches at each total length, an mlp2x_gelu image (576 tokens) among them."""
+    cfg, mlp = data["config"], next(s for s in data["image_side"] if s["strategy"] == "mlp")
     rows = []
     for size in ("7b", "13b"):
+        _, work = strategy_case(cfg, mlp, size)
         for checkpointing in (True, False):
             for seq in SEQ_LENS:
-                w = Workload(seq, 1, checkpointing, cfg["lora_r"], cfg["answer_fraction"],
-                             4 if cfg["vision_dtype"] == "fp32" else 2)
+                w = replace(work, seq_len=seq, batch=1, gradient_checkpointing=checkpointing,
+                            answer_fraction=cfg["answer_fraction"])
                 fits = [max_batch(LLAMA[size], CLIP_L_336, w, prec, coef, gb * GIB) for gb in CARDS_GB]
                 rows.append([LLAMA[size].name, "on" if checkpointing else "off", seq] + [b or "—" for b in fits])
+    return rows
+
+
+def _strategies(data: dict, coef: Coefficients, prec) -> list[dict]:
+    """Each image-token strategy at --seq-len's text, batch and LoRA, checkpointing on: 7B and 13B peaks."""
+    cfg, card = data["config"], CARDS_GB[-1] * GIB
+    rows = []
+    for side in data["image_side"]:
+        row = {"strategy": side["strategy"], "label": side["label"], "image_tokens": side["image_tokens"],
+               "tiles": side["tiles"]}
+        for size in ("7b", "13b"):
+            vision, work = strategy_case(cfg, side, size)
+            row.update({"seq_len": work.seq_len, f"{size}_peak_bytes": peak_bytes(LLAMA[size], vision, work, prec, coef),
+                        f"{size}_max_batch_{CARDS_GB[-1]}gb": max_batch(LLAMA[size], vision, work, prec, coef, card),
+                        f"{size}_projector_saved_bytes": work.batch * work.image_bytes_per_sequence + work.image_bytes_per_step})
+        rows.append(row)
+    big = f"{CARDS_GB[-1]} GB"
+    print(table(["strategy", "image tokens", "tiles", "sequence", "projector saved MB", "7B peak GB", f"fits {big}",
+                 f"7B largest batch, {big}", "13B peak GB", f"13B fits {big}"],
+                [[r["label"], r["image_tokens"], r["tiles"], r["seq_len"], _mb(r["7b_projector_saved_bytes"]),
+                  _gb(r["7b_peak_bytes"]), "yes" if r["7b_peak_bytes"] <= card else "no",
+                  r[f"7b_max_batch_{CARDS_GB[-1]}gb"] or "—", _gb(r["13b_peak_bytes"]),
+                  "yes" if r["13b_peak_bytes"] <= card else "no"] for r in rows]))
     return rows
 
 
@@ -177,26 +218,33 @@ def report(data: dict, out: Path) -> int:
         prec = replace(prec, constant=CUDA_CONTEXT + coef.workspace)
     print(f"\nbf16 autocast saves {data['bf16_ratio']:.2f}× the bytes of float32 "
           f"(→ {prec.act_bytes:.2f} bytes per activation value on GPU)")
+    chosen = _chosen(data)
+    seq = strategy_case(cfg, chosen, "7b")[1].seq_len
     print(f"\npredicted peak GPU memory, stage 2: LoRA r {cfg['lora_r']} on every linear layer + projector, paged 8-bit "
-          f"AdamW, bf16 autocast, {cfg['vision_dtype']} CLIP ViT-L/14-336, {cfg['seq_len']} tokens × batch {cfg['batch']}, "
-          f"{cfg['answer_fraction']:.0%} answer positions:")
-    predictions = _predictions(cfg, coef, prec)
+          f"AdamW, bf16 autocast, {cfg['vision_dtype']} CLIP ViT-L/14-336, {chosen['label']} ({chosen['image_tokens']} "
+          f"image tokens), {seq} tokens × batch {cfg['batch']}, {cfg['answer_fraction'] * cfg['seq_len']:.0f} answer "
+          "positions:")
+    predictions = _predictions(data, coef, prec)
     print("\ncompared with published figures (REFERENCE.md):")
     comparisons = _comparisons(coef, prec, cfg)
     for line in comparisons:
         print(f"- {line}")
-    cards = _cards(coef, prec, cfg)
+    print(f"\nimage-token strategies: --seq-len {cfg['seq_len']}'s {cfg['seq_len'] - CLIP_L_336.tokens} text tokens "
+          f"+ the image's, batch {cfg['batch']}, LoRA r {cfg['lora_r']}, checkpointing on (tiles: tower passes per image; "
+          "projector saved: what it keeps for backward):")
+    strategies = _strategies(data, coef, prec)
+    cards = _cards(coef, prec, data)
     print(f"\nlargest batch that fits (LoRA r {cfg['lora_r']}, {cfg['vision_dtype']} tower; — = not even batch 1):")
     print(table(["model", "checkpointing", "seq"] + [f"{gb} GB card" for gb in CARDS_GB], cards))
     print("\n" + CAVEATS.format(context=CUDA_CONTEXT / GIB))
     data.update(coefficients=asdict(coef), fit=summary, predictions=predictions, comparisons=comparisons,
-                cards={"columns": [f"{gb} GB" for gb in CARDS_GB], "rows": cards})
+                strategies=strategies, cards={"columns": [f"{gb} GB" for gb in CARDS_GB], "rows": cards})
     write_json(out / "memory.json", data)
     _plot(data, ms, coef, prec, out / "memory.png")
     key = f"{cfg['model_size']} ckpt"
     print(f"\nresults: {out / 'memory.json'}, chart: {out / 'memory.png'}")
-    print(f"headline: {LLAMA[cfg['model_size']].name} stage 2 (QLoRA r {cfg['lora_r']}, {cfg['seq_len']} tokens × batch "
-          f"{cfg['batch']}, gradient checkpointing): {_gb(predictions['totals'][key])} GB predicted peak GPU memory "
+    print(f"headline: {LLAMA[cfg['model_size']].name} stage 2 (QLoRA r {cfg['lora_r']}, {chosen['label']}, {seq} tokens "
+          f"× batch {cfg['batch']}, gradient checkpointing): {_gb(predictions['totals'][key])} GB predicted peak GPU memory "
           f"(fit error mean {summary['mean_abs_error']:.1%}, max {summary['max_abs_error']:.1%} over {len(ms)} "
           f"measured steps)")
     return 0
@@ -227,8 +275,9 @@ def _plot(data: dict, ms: list[Measurement], coef: Coefficients, prec, path: Pat
     for gb in CARDS_GB:
         ax2.axhline(gb, color="k", ls="--", lw=0.8)
         ax2.text(-0.45, gb + 0.2, f"{gb} GB", fontsize=8)
-    cfg = data["config"]
-    ax2.set(ylabel="GB (2^30 bytes)", title=f"Predicted stage-2 peak, {cfg['seq_len']} tokens × batch {cfg['batch']}")
+    cfg, chosen = data["config"], _chosen(data)
+    seq = strategy_case(cfg, chosen, "7b")[1].seq_len
+    ax2.set(ylabel="GB (2^30 bytes)", title=f"Predicted stage-2 peak, {chosen['label']}: {seq} tokens × batch {cfg['batch']}")
     ax2.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.suptitle(data["machine"], fontsize=8)
     fig.tight_layout()

@@ -175,7 +175,7 @@ def _folder_mb(path: Path) -> float:
 
 
 def run(cfg: SmallModelConfig) -> dict:
-    from benchmarks.chat import _draw_image
+    from benchmarks.image_strategy import draw_picture
     from benchmarks.random_llava import build_llava_interleave
 
     work = Path(tempfile.mkdtemp(prefix="mmchat-bench-small-", dir=cfg.keep))
@@ -186,7 +186,7 @@ def run(cfg: SmallModelConfig) -> dict:
         tick = time.perf_counter()
         params = build_llava_interleave(folder, cfg.shape, cfg.seed)
         build = {"params": params, "build_s": time.perf_counter() - tick, "folder_mb": _folder_mb(folder)}
-        _draw_image(work / "image.png")
+        draw_picture(work / "image.png", (360, 480))  # the chat benchmark's picture
         common = {"folder": str(folder), "image": str(work / "image.png"), "questions": (QUESTIONS * cfg.turns)[:cfg.turns],
                   "new_tokens": cfg.new_tokens, "threads": cfg.threads}
         print("converting (as --model FOLDER does)", file=sys.stderr)

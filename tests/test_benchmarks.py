@@ -9,7 +9,7 @@ import pytest
 
 from benchmarks.memory_model import (
     CLIP_L_336, CPU, LLAMA, NF4_BYTES, Coefficients, LlmShape, Measurement, Workload, breakdown, cuda_precision, fit,
-    max_batch, peak_bytes, predicted_step, static_parts,
+    max_batch, moment_bytes, peak_bytes, predicted_step, static_parts,
 )
 from tiny_models import WORDS, one_torch_thread
 
@@ -189,18 +189,95 @@ def test_chat_report_checks_agreement_and_keeps_its_headline(tmp_path, capsys):
     def turns(engine, second_turn):
         return [{"ttft_s": 1.0 if engine == "reference" else 0.1 * (i + 1), "decode_tps": 20.0, "peak_mb": 100.0,
                  "prompt_tokens": 50 * (i + 1), "prefilled_tokens": 50 if engine == "mmchat" else 50 * (i + 1),
-                 "session_overhead_s_per_token": 1e-4, "session_overhead_share": 0.01,
+                 "session_overhead_s_per_token": 1e-4, "session_overhead_share": 0.01, "image_tokens": 16,
                  "chosen": [1, 3] if i == 0 else second_turn} for i in range(2)]
 
+    config = {"precisions": ["4bit"], "name": "chat", "image_tokens": {"label": "mlp2x_gelu"}}
     for other, second, code in ((near, [1, 2], 0), (far, [1, 3], 0), (far, [1, 2], 1)):
         ref, mm = turns("reference", [1, 3]), turns("mmchat", second)
-        data = {"config": {"precisions": ["4bit"]}, "shape": "tiny", "machine": "test",
+        data = {"config": config, "shape": "tiny", "machine": "test",
                 "turns": {"reference/4bit": ref, "mmchat/4bit": mm},
                 "agreement": {"4bit": compare_engines(ref, mm, logits, other, "4bit")}}
         assert report(data, tmp_path) == code
         lines = capsys.readouterr().out.strip().splitlines()
+        assert "images: mlp2x_gelu, 16 image tokens" in lines
         assert lines[-1].startswith("FAIL: " if code else "headline: turn-2 time to first token, reference ÷ mmchat: ")
     assert (tmp_path / "chat.json").is_file() and (tmp_path / "chat.png").is_file()
+    # a resampler: mmchat alone, its own file
+    alone = {"config": {**config, "name": "chat-resampler", "image_tokens": {"label": "resampler, 8 queries"}},
+             "shape": "tiny", "machine": "test", "turns": {"mmchat/4bit": turns("mmchat", [1, 3])}, "agreement": {}}
+    assert report(alone, tmp_path) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1] == (
+        "headline: mmchat alone (resampler, 8 queries, 16 image tokens; transformers has no resampler), "
+        "time to first token turn 1 → 2: 4bit 0.100 s → 0.200 s")
+    assert (tmp_path / "chat-resampler.json").is_file() and (tmp_path / "chat-resampler.png").is_file()
+
+
+def test_image_token_strategies_count_with_mmchats_code():
+    import argparse
+
+    from benchmarks.image_strategy import ImageTokens, add_flags, from_flags
+
+    assert ImageTokens("mlp").count(336, 14) == 576
+    assert ImageTokens("resampler", queries=64).count(336, 14) == 64
+    # llava-v1.6 on a 672 x 672 picture: the base tile, the 2x2 grid's 48 x 48 map, a newline after each row
+    assert ImageTokens("anyres").count(336, 14) == 576 + 48 * 48 + 48 == 2928
+    assert ImageTokens("anyres", grid=(1, 3)).count(336, 14) == 576 + 24 * (72 + 1)
+    assert [ImageTokens(n).tiles for n in ("mlp", "resampler", "anyres")] == [1, 1, 5]
+    assert ImageTokens("anyres").pinpoints(56) == [[56, 112], [112, 56], [112, 112], [168, 56], [56, 168]]
+
+    p = argparse.ArgumentParser()
+    add_flags(p)
+    assert from_flags(p.parse_args([])) == ImageTokens("mlp")
+    assert from_flags(p.parse_args(["--image-tokens", "anyres", "--grid", "1×2"])).grid == (1, 2)
+    assert from_flags(p.parse_args(["--image-tokens", "resampler", "--queries", "16"])).count(336, 14) == 16
+    for argv, message in ((["--grid", "2x2"], "Can't use --grid with --image-tokens mlp"),
+                          (["--image-tokens", "anyres", "--queries", "8"], "Can't use --queries with --image-tokens anyres"),
+                          (["--image-tokens", "anyres", "--grid", "3x3"], "--grid 3x3: llava-v1.6's pinpoints allow 1x2, "),
+                          (["--image-tokens", "anyres", "--grid", "two"], "--grid 'two': write ROWSxCOLS")):
+        with pytest.raises(ValueError, match=message):
+            from_flags(p.parse_args(argv))
+
+
+def test_memory_model_swaps_the_image_tokens_and_counts_the_projector():
+    import torch
+
+    from benchmarks.memory import projector_saved_bytes, saved_bytes
+    from benchmarks.memory_report import strategy_case
+    from mmchat.config import ProjectorConfig
+    from mmchat.projector import build_projector
+
+    for queries in (None, 64):
+        cfg = ProjectorConfig("resampler" if queries else "mlp2x_gelu", 1024, 4096, queries=queries)
+        with torch.device("meta"):
+            params = sum(p.numel() for p in build_projector(cfg).parameters())
+        assert replace(CLIP_L_336, queries=queries).projector_params(4096) == params
+    # the extrapolation from 16 and 36 patches equals a count at 64 (small widths: fast)
+    for cfg in (ProjectorConfig("mlp2x_gelu", 32, 64), ProjectorConfig("resampler", 32, 64, queries=4)):
+        per_tile, per_step = projector_saved_bytes(cfg, 64)
+        module = build_projector(cfg).requires_grad_(True)
+        counted = [saved_bytes(module, lambda: module(torch.randn(n, 64, 32)), autocast=True) for n in (1, 3)]
+        assert per_tile == pytest.approx((counted[1] - counted[0]) / 2) and per_step > 0
+        assert counted[0] == pytest.approx(per_tile + per_step)
+
+    cfg = {"seq_len": 2048, "batch": 1, "lora_r": 128, "answer_fraction": 0.5, "vision_dtype": "fp32"}
+    saved = {"7b": {"per_sequence": 1e7, "per_step": 3e7}}
+    sides = {"mlp": {"strategy": "mlp", "queries": 64, "image_tokens": 576, "saved": saved},
+             "resampler": {"strategy": "resampler", "queries": 64, "image_tokens": 64, "saved": saved},
+             "anyres": {"strategy": "anyres", "queries": 64, "image_tokens": 2928,
+                        "saved": {"7b": {"per_sequence": 5e7, "per_step": 3e7}}}}
+    cases = {name: strategy_case(cfg, side, "7b") for name, side in sides.items()}
+    assert {name: work.seq_len for name, (_, work) in cases.items()} == {"mlp": 2048, "resampler": 1536, "anyres": 4400}
+    assert {round(work.answer_fraction * work.seq_len) for _, work in cases.values()} == {1024}  # the same answers
+    assert cases["resampler"][0].queries == 64 and cases["mlp"][0].queries is None
+    peaks = {name: peak_bytes(LLAMA["7b"], vision, work, GPU, COEF) for name, (vision, work) in cases.items()}
+    assert peaks["anyres"] > peaks["mlp"]
+    # the projector's saved tensors are alive while the LLM's are (to the end of its backward), not after
+    mlp = replace(cases["mlp"][1], batch=2)
+    no_image = replace(mlp, image_bytes_per_sequence=0.0, image_bytes_per_step=0.0)
+    with_image, without = (moment_bytes(LLAMA["7b"], w, GPU, COEF, 3e8) for w in (mlp, no_image))
+    assert {k: with_image[k] - without[k] for k in without} == pytest.approx(
+        {"logits": 2 * 1e7 + 3e7, "recompute": 2 * 1e7 + 3e7, "gradients": 0.0})
 
 
 def test_small_model_benchmark_quick(tmp_path, capsys):
@@ -236,12 +313,60 @@ def test_small_model_benchmark_quick(tmp_path, capsys):
     assert set(data["summary"]) == set(data["runs"]) and data["convert"]["convert_s"] > 0
 
 
-def test_resampler_benchmark_quick(tmp_path, capsys):
-    from benchmarks.resampler import main
+def test_image_tokens_benchmark_quick(tmp_path, capsys):
+    """`python -m benchmarks.image_tokens --quick`: one random LLaVA read three ways; the counts are the
+    strategies' own, every time was measured, the accuracy column comes from the demo builds' file."""
+    from benchmarks.image_tokens import main
 
     assert main(["--quick", "--out", str(tmp_path)]) == 0
-    data = json.loads((tmp_path / "resampler.json").read_text())
-    rows = data["projectors"]
-    assert rows["mlp2x_gelu"]["image_tokens"] == 576 and rows["resampler"]["image_tokens"] == 64
-    assert all(r["ttft_turn_1_s"] > r["ttft_turn_4_s"] > 0 for r in rows.values()), rows
-    assert capsys.readouterr().out.strip().splitlines()[-1].startswith("headline: turn-1 time to first token, 576")
+    assert capsys.readouterr().out.strip().splitlines()[-1].startswith(
+        "headline: × mlp2x_gelu's (256 tokens) turn-1 time to first token / stage-2 step: resampler, 64 queries (64) ")
+    data = json.loads((tmp_path / "image_tokens.json").read_text())
+    rows = data["strategies"]
+    assert {n: (r["image_tokens"], r["tiles"]) for n, r in rows.items()} == {
+        "mlp": (256, 1), "resampler": (64, 1), "anyres": (256 + 32 * 33, 5)}  # 224-px tiles: a 16 x 16 grid
+    for name, r in rows.items():
+        assert r["ttft_turn_1_s"] > r["ttft_last_s"] > 0, name  # turn 1 encodes and prefills the image
+        assert r["training"]["sequence"] == 1 + r["image_tokens"] + 64 and r["training"]["step_s"] > 0, name
+    assert rows["anyres"]["ttft_turn_1_s"] > rows["mlp"]["ttft_turn_1_s"]
+    assert data["accuracy"]["mlp"]["accuracy"] == 1.0 and data["accuracy"]["resampler"]["accuracy"] == pytest.approx(0.842,
+                                                                                                                       abs=1e-3)
+    table = (tmp_path / "image_tokens.md").read_text().splitlines()
+    assert [line.split(" | ")[0] for line in table[2:5]] == ["| `mlp2x_gelu`", "| `resampler, 64 queries`", "| `AnyRes 2×2`"]
+    assert table[2].endswith("| 100.0% (120)¹ |") and table[4].endswith("| —² |")
+    assert (tmp_path / "image_tokens.png").is_file()
+
+
+def test_chat_benchmark_reads_anyres_as_transformers_next_does(tmp_path):
+    """`benchmarks.chat --image-tokens anyres` on a tiny shape, in process: both engines put the base
+    tile + 2x2 grid's tokens in the prompt and answer alike (the near-tie rule)."""
+    from benchmarks.agreement import compare_engines
+    from benchmarks.chat import ChatBenchConfig, build, run_mmchat, run_reference
+    from benchmarks.image_strategy import ImageTokens
+    from benchmarks.random_llava import LlavaShape
+
+    shape = LlavaShape(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128, vocab=600, vision_width=64,
+                       vision_layers=2, image_size=56, patch=14)
+    cfg = ChatBenchConfig(shape=shape, turns=2, new_tokens=6, image_tokens=ImageTokens("anyres"))
+    lexicon = build(cfg, tmp_path)
+    runs, logits = {}, {}
+    with one_torch_thread():
+        for engine in cfg.engines:
+            job = {"engine": engine, "precision": "32bit", "device": "cpu", "folder": str(tmp_path / "llava-hf"),
+                   "checkpoint": str(tmp_path / "mmchat"), "image": str(tmp_path / "image.png"),
+                   "questions": [" ".join(lexicon[:6]) + "?", " ".join(lexicon[6:10]) + "?"], "new_tokens": 6,
+                   "logits": str(tmp_path / f"{engine}.pt"), "history": [t["answer"] for t in runs.get("mmchat", [])]}
+            runs[engine] = (run_mmchat if engine == "mmchat" else run_reference)(job)
+            logits[engine] = torch_load(job["logits"])
+    assert runs["mmchat"][0]["image_tokens"] == 16 + 8 * 9 == ImageTokens("anyres").count(56, 14)
+    assert [t["prompt_tokens"] for t in runs["mmchat"]] == [t["prompt_tokens"] for t in runs["reference"]]
+    second = runs["mmchat"][1]
+    assert second["prefilled_tokens"] < second["prompt_tokens"] - 88  # turn 2 reuses the cached image
+    agreement = compare_engines(runs["reference"], runs["mmchat"], logits["reference"], logits["mmchat"], "32bit")
+    assert not agreement["failures"] and agreement["tokens_compared"] >= 2, agreement
+
+
+def torch_load(path):
+    import torch
+
+    return torch.load(path)

@@ -208,8 +208,9 @@ def markdown(data: dict) -> str:
                   f"{data['config']['train_steps']} steps). Random weights: times only.",
               f"¹ Held-out colour questions of the demo's quick builds (`python -m finetune.demo.compare`; "
               f"{demo or 'no builds'}): its tower has nine patches, so the accuracy is what each projector learns at "
-              "the quick build's budget, not at this benchmark's token counts.",
-              "² No demo build reads images this way."]
+              "the quick build's budget, not at this benchmark's token counts."]
+    if any(name not in accuracy for name in rows):
+        lines.append("² No demo build reads images this way.")
     if data["anyres_training_refused"]:
         lines.append(f"³ mmchat refused to train the AnyRes checkpoint (\"{data['anyres_training_refused'].split(';')[0]}\"), "
                      "so this is the same-length sequence on the mlp checkpoint with the same tiles through the tower "

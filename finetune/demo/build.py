@@ -3,6 +3,7 @@
     python -m finetune.demo --out assets/demo-model            # the shipped model (under an hour, 2 cores)
     python -m finetune.demo --out /tmp/demo --quick            # a smaller world in a few minutes (the tests)
     python -m finetune.demo --out /tmp/demo-rs --quick --projector resampler   # a resampler instead of the MLP
+    python -m finetune.demo --out /tmp/demo-ar --quick --anyres   # the MLP on AnyRes tiles of 2x-sized images
 
 1. data: synthetic shape images with captions and conversations, as LLaVA-format files
 2. tokenizer: BPE over the world's text (`finetune.demo.tokenizer`)
@@ -35,6 +36,7 @@ from finetune.demo.lookups import CELL_TOKENS, Lookups
 from finetune.demo.pretrain_lm import LmConfig, Turns
 from finetune.demo.world import WorldConfig
 from finetune.demo.sets import SyntheticSet
+from finetune.demo.strategies import anyres_config, image_side, new_projector, new_stage0_projector
 from finetune.demo.texts import TextConfig
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
@@ -63,6 +65,9 @@ class DemoConfig:
     queries cross-attend to the nine patches; the LLM's pretraining is the same)."""
     resampler_queries: int = 9
     """With `resampler`: the queries, so the image tokens the LLM reads."""
+    anyres: bool = False
+    """AnyRes (LLaVA-NeXT's tiling) with the MLP: images drawn at twice the CLIP's side, each read as
+    the whole image in one tile plus a 2×2 grid of tiles (`finetune.demo.strategies`)."""
     align_records: int = 6000
     instruct_records: int = 16000
     heldout_records: int = 600
@@ -80,8 +85,15 @@ class DemoConfig:
     other, so the CLIP and the LLM first train side by side on one core each; the LLM, the long
     pole, doubles its threads when the CLIP is done, and so do stages 1-2, which run alone."""
 
+    def __post_init__(self) -> None:
+        if self.anyres and self.projector != "mlp2x_gelu":
+            raise ValueError(f"Can't provide both --anyres and --projector {self.projector}: AnyRes packs the tiles' "
+                             "patch grids, which only mlp2x_gelu keeps. Choose one.")
+
     def set(self, kind: str, records: int, seed: int) -> SyntheticSet:
-        return SyntheticSet(self.work / f"data-{kind}", seed, records, self.clip.image_size,
+        side = image_side(self)  # sets of another size get their own folders: builds share `work`
+        folder = f"data-{kind}" if side == self.clip.image_size else f"data-{kind}-{side}px"
+        return SyntheticSet(self.work / folder, seed, records, side,
                             "captions" if kind == "align" else "conversations", self.world, self.text)
 
 
@@ -323,36 +335,11 @@ def stage0_checkpoint(cfg: DemoConfig, clip, lm, tokenizer) -> Path:
     from mmchat.config import ModelConfig, VisionConfig
 
     vision = VisionConfig(open_clip_model="mmchat-demo-clip", pretrained=None, select_layer=cfg.select_layer,
-                          select_feature=cfg.select_feature, image_size=cfg.clip.image_size)
+                          select_feature=cfg.select_feature, image_size=cfg.clip.image_size, anyres=anyres_config(cfg))
     projector_config, projector = new_projector(cfg)
     config = ModelConfig(vision=vision, projector=projector_config, llm="llm", tokenizer="llm", template=cfg.lm.template)
     return save_checkpoint(cfg.work / "stage0", config, projector, tokenizer, llm=lm,
                            vision=clip.model.visual, vision_model_cfg=clip.model_cfg)
-
-
-def new_projector(cfg: DemoConfig):
-    """A new `cfg.projector` from the CLIP's width to the LLM's and its config: the same initial weights in every build."""
-    from finetune.demo.pretrain import seeded
-    from mmchat.config import ProjectorConfig
-    from mmchat.projector import build_projector
-
-    config = ProjectorConfig(cfg.projector, cfg.clip.width, cfg.lm.hidden,
-                             queries=cfg.resampler_queries if cfg.projector == "resampler" else None)
-    with seeded(0):
-        return config, build_projector(config)
-
-
-def new_stage0_projector(cfg: DemoConfig) -> None:
-    """Stage 0 with a new projector of `cfg.projector`: reused pretraining may come from a build that
-    trained another projector."""
-    from mmchat.checkpoint import PROJECTOR_FILE, atomic_file, read_config, save_projector, write_config
-
-    stage0 = cfg.work / "stage0"
-    config = read_config(stage0)
-    config.projector, projector = new_projector(cfg)
-    with atomic_file(stage0 / PROJECTOR_FILE) as tmp:
-        save_projector(projector, tmp)
-    write_config(config, stage0)
 
 
 def pack(trained: Path, base_llm: Path, out: Path) -> Path:
@@ -424,15 +411,21 @@ def parse_args(argv: list[str] | None = None) -> DemoConfig:
                    help="the projector stages 1-2 train: one token per patch, or learned queries (default: %(default)s)")
     p.add_argument("--resampler-queries", type=int, default=None,
                    help="with --projector resampler: its queries, the image tokens (default: 9, one per cell)")
+    p.add_argument("--anyres", action="store_true",
+                   help="the MLP projector on AnyRes tiles: images at twice the CLIP's side, read as one whole-image "
+                        "tile plus a 2x2 grid (LLaVA-NeXT's tiling)")
     a = p.parse_args(argv)
     if a.threads < 1:
         p.error(f"--threads {a.threads}: must be at least 1")
     if a.resampler_queries is not None and (a.projector != "resampler" or a.resampler_queries < 1):
         p.error(f"--resampler-queries {a.resampler_queries}: needs --projector resampler and at least 1 query")
     work = a.work or a.out.with_name(f"{a.out.name}-work")
-    cfg = replace((quick_config if a.quick else full_config)(a.out, work), threads=a.threads,
-                  reuse_pretraining=a.reuse_pretraining, projector=a.projector)
-    return replace(cfg, resampler_queries=a.resampler_queries or cfg.resampler_queries)
+    cfg = (quick_config if a.quick else full_config)(a.out, work)
+    try:
+        return replace(cfg, threads=a.threads, reuse_pretraining=a.reuse_pretraining, projector=a.projector,
+                       anyres=a.anyres, resampler_queries=a.resampler_queries or cfg.resampler_queries)
+    except ValueError as e:
+        p.error(str(e))
 
 
 def main(argv: list[str] | None = None) -> int:

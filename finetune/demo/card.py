@@ -9,6 +9,7 @@ import json
 from collections import Counter
 from pathlib import Path
 
+from finetune.demo.strategies import describe
 from finetune.demo.texts import FOLLOW_UP
 
 CURVES = "learning_curves.png"
@@ -149,11 +150,8 @@ def card_text(cfg, info: dict) -> str:
     pope_line = (f"Yes/no questions as POPE counts them ({pope['questions']}): accuracy {pope['accuracy']:.1%}, "
                  f"precision {pope['precision']:.1%}, recall {pope['recall']:.1%}, F1 {pope['f1']:.1%}, "
                  f"yes-ratio {pope['yes_ratio']:.1%}." if pope else "")
-    build_cmd = "python -m finetune.demo --out assets/demo-model" + (" --quick" if cfg.quick else "")
-    projector = "`mlp2x_gelu` (one image token per patch)"
-    if cfg.projector == "resampler":
-        projector = f"`resampler`, {cfg.resampler_queries} learned queries (image tokens) attending to the patches"
-        build_cmd += f" --projector resampler --resampler-queries {cfg.resampler_queries}"
+    projector, flags = describe(cfg)
+    build_cmd = "python -m finetune.demo --out assets/demo-model" + (" --quick" if cfg.quick else "") + flags
     heldout = cfg.set("heldout", cfg.heldout_records, 1000)
     clip, lm = cfg.clip, cfg.lm
     reused = (" Stages 1-2 were re-run with `--reuse-pretraining` on the CLIP and LLM that the same command "
@@ -168,9 +166,10 @@ def card_text(cfg, info: dict) -> str:
         lookups += (" Each lookup record is a single question about a scene of several shapes: one to find by its "
                     "kind or colour, or whether one of a given colour and kind is there. In the mix alone these "
                     "lookups do not form (mmchat's README, \"The demo model\", has what was measured).")
+    style = "LLaVA-NeXT-style (AnyRes)" if cfg.anyres else "LLaVA-1.5-style"
     return f"""# mmchat demo model
 
-A tiny LLaVA-1.5-style model that mmchat builds from nothing on a CPU: it answers questions about
+A tiny {style} model that mmchat builds from nothing on a CPU: it answers questions about
 pictures of coloured shapes. It is what `python app.py` serves by default, offline; it shows the
 whole pipeline working, not a general-purpose assistant.
 

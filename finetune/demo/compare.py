@@ -4,10 +4,13 @@ on turn 1 and on the last turn of one conversation about an image, training spee
     python -m finetune.demo --out /tmp/demo-mlp --quick
     python -m finetune.demo --out /tmp/demo-rs --work /tmp/demo-mlp-work --quick --reuse-pretraining \\
         --projector resampler
-    python -m finetune.demo.compare /tmp/demo-mlp /tmp/demo-rs
+    python -m finetune.demo --out /tmp/demo-ar --work /tmp/demo-mlp-work --quick --reuse-pretraining --anyres
+    python -m finetune.demo.compare /tmp/demo-mlp /tmp/demo-rs /tmp/demo-ar
 
 Training speed and accuracy are what each build recorded in its `build.json`; the times to first token
 are measured here, the models taking turns (one torch thread), each turn's median over the repeats.
+Each model is timed on the first image of its own held-out set (the same scene; an AnyRes build draws it
+at twice the size), and its image tokens are that image's: an AnyRes model's count depends on the size.
 """
 from __future__ import annotations
 
@@ -32,34 +35,50 @@ def conversation_ttft(model, image, questions: list[str]) -> list[float]:
     return out
 
 
+def first_heldout_question(build: dict):
+    """(image, question) of the first record of the held-out set a build was scored on."""
+    from PIL import Image
+
+    heldout = Path(build["eval"]["data"])
+    record = json.loads(heldout.read_text())[0]
+    image = Image.open(heldout.parent / record["image"]).convert("RGB")
+    return image, record["conversations"][0]["value"].replace("<image>", "").strip()
+
+
+def strategy(model, image) -> str:
+    """How the model turns `image` into tokens, in a few words."""
+    from mmchat.anyres import grid_shape
+
+    projector = model.config.projector
+    if projector.type == "resampler":
+        return f"resampler ({projector.queries} queries)"
+    if model.anyres is not None:
+        rows, cols = grid_shape((image.height, image.width), model.anyres)
+        return f"AnyRes ({projector.type}, base + {rows}×{cols} tiles)"
+    return projector.type
+
+
 def compare(folders: list[Path], turns: int, repeats: int, load_in: str | None) -> list[dict]:
     import torch
-    from PIL import Image
 
     from mmchat.model import LoadOptions, load_model
 
     torch.set_num_threads(1)
     builds = [json.loads((folder / "build.json").read_text()) for folder in folders]
-    heldout = Path(builds[0]["eval"]["data"])
-    record = json.loads(heldout.read_text())[0]
-    image = Image.open(heldout.parent / record["image"]).convert("RGB")
-    question = record["conversations"][0]["value"].replace("<image>", "").strip()
-    questions = [question] * turns
+    asked = [first_heldout_question(build) for build in builds]
     models = [load_model(folder, LoadOptions(load_in, "cpu")) for folder in folders]
-    for model in models:  # warm-up
-        conversation_ttft(model, image, questions[:2])
+    for model, (image, question) in zip(models, asked):  # warm-up
+        conversation_ttft(model, image, [question] * 2)
     times: list[list[list[float]]] = [[] for _ in models]
     for _ in range(repeats):
-        for model, runs in zip(models, times):
-            runs.append(conversation_ttft(model, image, questions))
+        for model, (image, question), runs in zip(models, asked, times):
+            runs.append(conversation_ttft(model, image, [question] * turns))
     rows = []
-    for folder, build, model, runs in zip(folders, builds, models, times):
-        projector = model.config.projector
+    for folder, build, model, (image, _), runs in zip(folders, builds, models, asked, times):
         training = build.get("training", {})
         rows.append({
-            "model": str(folder), "projector": projector.type if projector.type != "resampler" else
-            f"resampler ({projector.queries} queries)", "load_in": LoadOptions(load_in, "cpu").load_in,
-            "image_tokens": model.image_tokens,
+            "model": str(folder), "projector": strategy(model, image), "load_in": LoadOptions(load_in, "cpu").load_in,
+            "image_tokens": model.image_token_counts([image])[0],
             "ttft_turn_1_s": statistics.median(run[0] for run in runs),
             f"ttft_turn_{turns}_s": statistics.median(run[-1] for run in runs),
             **{f"{stage}_tokens_per_s": training[stage]["mean_tokens_per_s"] for stage in ("align", "instruct")

@@ -424,7 +424,7 @@ def test_check_reports_bad_jsonl_lines(tmp_path, capsys):
     assert "  invalid record: 1\n    #3: invalid JSON: " in out
 
 
-def test_check_counts_tokens_as_the_model_sees_them(tiny_tokenizer_dir, tmp_path, capsys):
+def test_check_counts_tokens_as_the_model_sees_them(tiny_tokenizer_dir, tiny_checkpoint, tmp_path, capsys):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
@@ -448,6 +448,13 @@ def test_check_counts_tokens_as_the_model_sees_them(tiny_tokenizer_dir, tmp_path
     longer = "t" if text_only > limit else "i"
     assert f"  min {lo}, median {(lo + hi) / 2:g}, p95 {hi}, max {hi}\n" in out
     assert f"  longer than --max-length {limit}: 1\n    {longer}: {hi} tokens\n" in out
+    # --model: the checkpoint's own tokenizer, template (llava_v1) and tower (16 patches) give the same counts.
+    rc, out, _ = run(["check", path, "--no-check-images", "--model", tiny_checkpoint, "--max-length", limit], capsys)
+    assert rc == 0 and "template llava_v1, 16 tokens per image" in out, out
+    assert f"  min {lo}, median {(lo + hi) / 2:g}, p95 {hi}, max {hi}\n" in out
+    rc, _, err = run(["check", path, "--no-check-images", "--model", tiny_checkpoint, "--tokenizer", tiny_tokenizer_dir],
+                     capsys)
+    assert rc != 0 and "pass --model (its tokenizer, template and image tokens) or --tokenizer, not both" in err
 
 
 def test_build_output_passes_check(inputs, tmp_path, capsys):

@@ -240,3 +240,27 @@ def test_a_onevision_checkpoint_trains_with_its_own_counts(data, tmp_path):
     assert result.finished and result.built.model.anyres.max_tiles is not None  # anyres_max_N: maps may shrink
     with np.load(tmp_path / "out" / "data_index.npz") as index:  # what the sampler groups by
         assert index["lengths"].tolist() == real_lengths(result.built.model, data)
+
+
+def test_the_data_check_counts_each_images_tokens_as_the_model_does(checkpoint, data, model, capsys):
+    """`python -m finetune.data check --model CKPT`: the checkpoint's tokenizer, template and each image's
+    own AnyRes count, so the lengths it reports are the chat session's (not one fixed count per image)."""
+    from finetune.data.cli import main as data_cli
+    from mmchat.templates import resolve_template
+
+    template = resolve_template(model.config.template, model.tokenizer)
+    expected = sorted(len(render(messages_from_llava(r["conversations"]), template, model.tokenizer,
+                                 model.image_token_counts([load_image(data.parent / r["image"])]),
+                                 image_token_id=model.config.image_token_id).input_ids)
+                      for r in json.loads(data.read_text()))
+    limit = expected[-6]
+    assert data_cli(["check", str(data), "--image-root", str(data.parent), "--model", str(checkpoint),
+                     "--max-length", str(limit)]) == 0
+    out = capsys.readouterr().out
+    assert "AnyRes: 64 tokens per tile, each image's own grid" in out
+    assert f"min {expected[0]}," in out and f"max {expected[-1]}" in out
+    assert f"longer than --max-length {limit}: {sum(n > limit for n in expected)}" in out
+    # An AnyRes count needs the image's size: without --image-root, one line says so.
+    assert data_cli(["check", str(data), "--no-check-images", "--model", str(checkpoint)]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "AnyRes" in err[0] and "--image-root" in err[0]

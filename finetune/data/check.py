@@ -111,6 +111,9 @@ class CheckConfig:
     tokenizer: Path | None = None  # a local tokenizer folder; no lengths without one
     template: str = "llava_v1"  # mmchat template the lengths are counted with
     image_tokens: int = 576  # slots per image: 576 for CLIP ViT-L/14 at 336 px
+    model: str | None = None
+    """An mmchat checkpoint (or a LLaVA folder `--model` takes elsewhere) whose tokenizer, template and
+    image tokens count the lengths: each image's own for AnyRes, from its size (needs --image-root)."""
     max_length: int = 2048  # LLaVA-1.5's training length
     show: int = 10  # record ids listed per kind of problem
     workers: int = 8  # threads opening images (I/O bound)
@@ -129,6 +132,8 @@ class CheckConfig:
             raise DataError(f"--tokenizer folder not found: {self.tokenizer}")
         if self.tokenizer is not None and not any((self.tokenizer / name).is_file() for name in TOKENIZER_FILES):
             raise DataError(f"--tokenizer {self.tokenizer} holds no tokenizer (none of {', '.join(TOKENIZER_FILES)})")
+        if self.model is not None and self.tokenizer is not None:
+            raise DataError("pass --model (its tokenizer, template and image tokens) or --tokenizer, not both")
         if self.tokenizer is not None:
             from mmchat.templates import check_template_name
 
@@ -194,7 +199,11 @@ def check(cfg: CheckConfig) -> CheckReport:
     """Check every record of `cfg.file`, streaming; the report says what is wrong and where."""
     report = CheckReport(cfg.file, cfg.show, images_checked=cfg.check_images, max_length=cfg.max_length,
                          too_long=Tally(cfg.show))
-    length_of = _length_counter(cfg, report) if cfg.tokenizer is not None else None
+    length_of = None
+    if cfg.model is not None:
+        length_of = _model_length_counter(cfg, report)
+    elif cfg.tokenizer is not None:
+        length_of = _length_counter(cfg, report)
     seen_ids: set[str] = set()
     image_status: dict[str, tuple[str, str] | None] = {}
     records = iter_records(cfg.file, f"check {cfg.file.name}", cfg.progress)
@@ -271,6 +280,45 @@ def _length_counter(cfg: CheckConfig, report: CheckReport) -> Callable[[dict], i
     def length_of(record: dict) -> int:
         messages = messages_from_llava(record["conversations"])
         return len(render(messages, template, tokenizer, cfg.image_tokens).input_ids)
+
+    return length_of
+
+
+def _model_length_counter(cfg: CheckConfig, report: CheckReport) -> Callable[[dict], int]:
+    """record -> its token count as `cfg.model` sees it: the checkpoint's tokenizer and template, and
+    its tower's image tokens (a resampler's queries; AnyRes: each image's own, from its file's size)."""
+    from finetune.data.dataset import image_size
+    from mmchat.anyres import num_image_tokens as anyres_tokens
+    from mmchat.anyres import settings_from_config
+    from mmchat.checkpoint import read_config, resolve_path
+    from mmchat.conversation import messages_from_llava, render
+    from mmchat.convert.cache import resolve_checkpoint
+    from mmchat.model import load_tokenizer
+    from mmchat.templates import resolve_template
+    from mmchat.vision import load_vision_tower, num_image_tokens, patch_size
+
+    try:
+        folder = resolve_checkpoint(cfg.model)
+        config = read_config(folder)
+        tokenizer = load_tokenizer(resolve_path(folder, config.tokenizer))
+        template = resolve_template(config.template, tokenizer)
+        tower = load_vision_tower(config.vision, folder)  # its patch grid; the weights are not used
+    except (OSError, ValueError) as e:
+        raise DataError(f"--model {cfg.model}: {' '.join(str(e).split())}") from None
+    anyres = None if config.vision.anyres is None else settings_from_config(config.vision, patch_size(tower))
+    if anyres is not None and cfg.image_root is None:
+        raise DataError(f"--model {cfg.model} is an AnyRes model: each image's tokens depend on its size; pass --image-root")
+    fixed = config.projector.queries if config.projector.type == "resampler" else num_image_tokens(tower, config.vision)
+    del tower
+    per_image = f"{fixed} tokens per image" if anyres is None else f"AnyRes: {anyres.grid ** 2} tokens per tile, each image's own grid"
+    report.length_setup = f"--model {cfg.model}: template {config.template}, {per_image}"
+
+    def length_of(record: dict) -> int:
+        counts: int | list[int] = fixed
+        if anyres is not None and isinstance(record.get("image"), str):
+            counts = [anyres_tokens(image_size(cfg.image_root / record["image"]), anyres)]
+        messages = messages_from_llava(record["conversations"])
+        return len(render(messages, template, tokenizer, counts, image_token_id=config.image_token_id).input_ids)
 
     return length_of
 

@@ -278,6 +278,9 @@ def _add_check_flags(c: argparse.ArgumentParser) -> None:
                    help="mmchat template the lengths are counted with (default: %(default)s)")
     c.add_argument("--image-tokens", type=int, default=576, metavar="N",
                    help="tokens per image (default: %(default)s, CLIP ViT-L/14 at 336 px)")
+    c.add_argument("--model", default=None, metavar="CKPT",
+                   help="count lengths as this mmchat checkpoint (or LLaVA folder) sees them: its tokenizer, "
+                        "template and image tokens, each image's own for AnyRes (instead of --tokenizer)")
     c.add_argument("--max-length", type=int, default=2048, metavar="N",
                    help="records with more tokens are listed (default: %(default)s, LLaVA-1.5's)")
     c.add_argument("--show", type=int, default=10, metavar="N",

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 from mmchat.config import VisionConfig
 
@@ -61,6 +61,26 @@ def load_image(source: str | Path | bytes | Image.Image, max_pixels: int = MAX_P
         return _to_rgb(image)
     except (OSError, ValueError, SyntaxError) as e:
         raise ImageError(f"{name} is truncated or corrupt ({e}); re-save or re-upload it") from None
+
+
+TURNED = (5, 6, 7, 8)
+"""EXIF orientations that `load_image` (`ImageOps.exif_transpose`) turns by 90 degrees."""
+
+
+def image_size(path: str | Path) -> tuple[int, int]:
+    """(height, width) of the image `load_image(path)` gives, from the file's header (no decoding)
+    unless the image is big enough for `load_image` to shrink or refuse, or the header is unreadable."""
+    try:
+        with warnings.catch_warnings(), Image.open(path) as image:
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            width, height = image.size
+            turned = image.getexif().get(ExifTags.Base.Orientation) in TURNED
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        width = height = None  # load_image says what is wrong
+    if width is None or width * height > MAX_PIXELS:
+        image = load_image(path)
+        return image.height, image.width
+    return (width, height) if turned else (height, width)
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:

@@ -20,14 +20,14 @@ from safetensors.torch import load_file, save_file
 
 from finetune.batching import collate
 from finetune.build import read_projector
-from finetune.data.dataset import LlavaDataset, RenderSettings, image_size, read_records
+from finetune.data.dataset import LlavaDataset, RenderSettings, read_records
 from finetune.objective import AnswerLoss
 from finetune.train import prepare, train
 from finetune.train_config import ConfigError
 from mmchat.anyres import grid_shape
 from mmchat.conversation import IGNORE_INDEX, messages_from_llava, render
 from mmchat.convert.cli import main as convert
-from mmchat.image import load_image
+from mmchat.image import image_size, load_image
 from mmchat.model import IMAGE_NEWLINE, LoadOptions, load_model
 from mmchat.templates import get_template
 from test_next import build_next_folder

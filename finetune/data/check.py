@@ -287,7 +287,7 @@ def _length_counter(cfg: CheckConfig, report: CheckReport) -> Callable[[dict], i
 def _model_length_counter(cfg: CheckConfig, report: CheckReport) -> Callable[[dict], int]:
     """record -> its token count as `cfg.model` sees it: the checkpoint's tokenizer and template, and
     its tower's image tokens (a resampler's queries; AnyRes: each image's own, from its file's size)."""
-    from finetune.data.dataset import image_size
+    from mmchat.image import image_size
     from mmchat.anyres import num_image_tokens as anyres_tokens
     from mmchat.anyres import settings_from_config
     from mmchat.checkpoint import read_config, resolve_path

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import warnings
 from dataclasses import dataclass
 from numbers import Integral
 from pathlib import Path
@@ -21,7 +20,7 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
-from PIL import ExifTags, Image
+from PIL import Image
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
@@ -32,13 +31,11 @@ from mmchat.anyres import AnyresSettings, Size, num_image_tokens, preprocess_any
 from mmchat.checkpoint import atomic_file
 from mmchat.config import VisionConfig
 from mmchat.conversation import IGNORE_INDEX, Rendered, messages_from_llava, render
-from mmchat.image import MAX_PIXELS, ImageError, load_image, preprocess
+from mmchat.image import ImageError, image_size, load_image, preprocess
 from mmchat.templates import Template
 
 SHOWN = 5
 """Broken records / missing images named in an error message."""
-TURNED = (5, 6, 7, 8)
-"""EXIF orientations that `load_image` (`ImageOps.exif_transpose`) turns by 90 degrees."""
 
 
 @dataclass
@@ -155,22 +152,6 @@ def render_record(record: dict, settings: RenderSettings, sizes: Sequence[Size] 
     messages = messages_from_llava(record["conversations"])
     return render(messages, settings.template, settings.tokenizer, settings.image_slots(sizes),
                   image_token_id=settings.image_token_id)
-
-
-def image_size(path: Path) -> Size:
-    """(height, width) of the image `load_image(path)` gives, from the file's header (no decoding)
-    unless the image is big enough for `load_image` to shrink or refuse, or the header is unreadable."""
-    try:
-        with warnings.catch_warnings(), Image.open(path) as image:
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            width, height = image.size
-            turned = image.getexif().get(ExifTags.Base.Orientation) in TURNED
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
-        width = height = None  # load_image says what is wrong
-    if width is None or width * height > MAX_PIXELS:
-        image = load_image(path)
-        return image.height, image.width
-    return (width, height) if turned else (height, width)
 
 
 def truncate(rendered: Rendered, max_length: int, image_tokens: int | Sequence[int]) -> Rendered:

@@ -38,18 +38,22 @@ def images() -> dict[str, Image.Image]:
     return {"photo": photo, "tall": photo.crop((200, 50, 300, 550)), "wide": photo.crop((0, 300, 500, 390))}
 
 
-def build_next_folder(out, tower_act: str = "quick_gelu", seed: int = 0):
+def build_next_folder(out, tower_act: str = "quick_gelu", seed: int = 0, llm: str = "LlamaConfig",
+                      tokenizer=None, template: str = LLAVA_15, stops: list[str] | None = None):
     """The tiny LlavaNext folder, as the hub's are. `tower_act` quick_gelu: open_clip runs the tower;
-    with layer-norm eps 1e-6 it stays transformers' CLIPVisionModel."""
-    from transformers import (CLIPVisionConfig, GenerationConfig, LlamaConfig, LlavaNextConfig,
+    with layer-norm eps 1e-6 it stays transformers' CLIPVisionModel. `llm` (a transformers config
+    class), `tokenizer`, `template` and `stops` (generation_config's eos tokens; default the
+    tokenizer's EOS) give another LLM family; by default LLaMA with llava-1.5's template."""
+    import transformers
+    from transformers import (CLIPVisionConfig, GenerationConfig, LlavaNextConfig,
                               LlavaNextForConditionalGeneration, LlavaNextImageProcessor, LlavaNextProcessor)
 
-    tokenizer = build_chat_tokenizer(LLAMA_SPECIALS, "<s>", "</s>", False, True, CORPUS)
+    tokenizer = tokenizer or build_chat_tokenizer(LLAMA_SPECIALS, "<s>", "</s>", False, True, CORPUS)
     ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
            "pad_token_id": tokenizer.eos_token_id}
-    text = LlamaConfig(vocab_size=-(-len(tokenizer) // 64) * 64, hidden_size=64, intermediate_size=128,
-                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                       max_position_embeddings=2048, tie_word_embeddings=False, **ids)
+    text = getattr(transformers, llm)(vocab_size=-(-len(tokenizer) // 64) * 64, hidden_size=64, intermediate_size=128,
+                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                      max_position_embeddings=2048, tie_word_embeddings=False, **ids)
     tower = CLIPVisionConfig(image_size=56, patch_size=7, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
                              num_attention_heads=4, projection_dim=16, hidden_act=tower_act,
                              layer_norm_eps=1e-5 if tower_act == "quick_gelu" else 1e-6)
@@ -58,14 +62,15 @@ def build_next_folder(out, tower_act: str = "quick_gelu", seed: int = 0):
                              vision_feature_select_strategy="default")
     torch.manual_seed(seed)
     llava = LlavaNextForConditionalGeneration(config).eval()
-    llava.generation_config = GenerationConfig(eos_token_id=[tokenizer.eos_token_id], **{
+    stop_ids = [tokenizer.convert_tokens_to_ids(t) for t in stops] if stops else [tokenizer.eos_token_id]
+    llava.generation_config = GenerationConfig(eos_token_id=stop_ids, **{
         k: v for k, v in ids.items() if k != "eos_token_id"})
     llava.save_pretrained(out)
     image_processor = LlavaNextImageProcessor(size={"shortest_edge": 56}, crop_size={"height": 56, "width": 56},
                                               image_grid_pinpoints=PINS)
     LlavaNextProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=7,
                        vision_feature_select_strategy="default", num_additional_image_tokens=1,
-                       chat_template=LLAVA_15).save_pretrained(out)
+                       chat_template=template).save_pretrained(out)
     return out
 
 

@@ -13,9 +13,8 @@ import pytest
 import torch
 
 from mmchat.convert.cli import main
-from mmchat.templates import resolve_template
 from test_chat_templates import LLAMA_3
-from test_next import PINS, chat_as_transformers, images
+from test_next import build_next_folder, chat_as_transformers, images
 from test_zoo import CORPUS, LLAMA_SPECIALS, QUESTIONS
 from tiny_models import build_chat_tokenizer
 
@@ -48,48 +47,19 @@ FAMILIES = {
 }
 
 
-def build_family_folder(out, name: str, seed: int = 0):
-    """tests/test_next.py's tiny LlavaNext folder with the family's LLM, tokenizer and chat template."""
-    import transformers
-    from transformers import (CLIPVisionConfig, GenerationConfig, LlavaNextConfig, LlavaNextForConditionalGeneration,
-                              LlavaNextImageProcessor, LlavaNextProcessor)
-
-    config_class, template, specials, bos, eos, byte_level, adds_bos, stops = FAMILIES[name]
-    tokenizer = build_chat_tokenizer(list(specials), bos, eos, byte_level, adds_bos, CORPUS)
-    stop_ids = [tokenizer.convert_tokens_to_ids(t) for t in stops]
-    ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
-           "pad_token_id": tokenizer.eos_token_id}
-    text = getattr(transformers, config_class)(
-        vocab_size=-(-len(tokenizer) // 64) * 64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048, tie_word_embeddings=False, **ids)
-    tower = CLIPVisionConfig(image_size=56, patch_size=7, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-                             num_attention_heads=4, projection_dim=16, hidden_act="quick_gelu")
-    config = LlavaNextConfig(vision_config=tower, text_config=text, image_grid_pinpoints=PINS,
-                             image_token_index=tokenizer.convert_tokens_to_ids("<image>"), vision_feature_layer=-2,
-                             vision_feature_select_strategy="default")
-    torch.manual_seed(seed)
-    llava = LlavaNextForConditionalGeneration(config).eval()
-    llava.generation_config = GenerationConfig(eos_token_id=stop_ids, pad_token_id=tokenizer.eos_token_id)
-    llava.save_pretrained(out)
-    image_processor = LlavaNextImageProcessor(size={"shortest_edge": 56}, crop_size={"height": 56, "width": 56},
-                                              image_grid_pinpoints=PINS)
-    LlavaNextProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=7,
-                       vision_feature_select_strategy="default", num_additional_image_tokens=1,
-                       chat_template=template).save_pretrained(out)
-    return out, llava
-
-
 @pytest.mark.parametrize("name", list(FAMILIES))
 def test_next_family_answers_as_transformers_with_its_own_template(name, tmp_path):
-    from transformers import AutoProcessor
+    from transformers import AutoProcessor, LlavaNextForConditionalGeneration
 
     from mmchat.model import LoadOptions, load_model
 
-    folder, llava = build_family_folder(tmp_path / name, name)
+    config_class, template, specials, bos, eos, byte_level, adds_bos, stops = FAMILIES[name]
+    tokenizer = build_chat_tokenizer(list(specials), bos, eos, byte_level, adds_bos, CORPUS)
+    folder = build_next_folder(tmp_path / name, llm=config_class, tokenizer=tokenizer, template=template, stops=stops)
+    llava = LlavaNextForConditionalGeneration.from_pretrained(folder, dtype=torch.float32).eval()
     assert main([str(folder), str(tmp_path / "mmchat")]) == 0
     model = load_model(tmp_path / "mmchat", LoadOptions("32bit", "cpu"))
-    assert model.config.template == "chat"
-    template = resolve_template(model.config.template, model.tokenizer)
+    assert model.config.template == "chat" and model.tokenizer.chat_template == template
     answers = chat_as_transformers(model, llava, AutoProcessor.from_pretrained(folder),
                                    [(QUESTIONS[0], images()["wide"]), (QUESTIONS[1], None)])
-    assert all(answers) and template is not None
+    assert all(answers)

@@ -178,6 +178,32 @@ def test_mmchat_to_llava_hf_round_trip(tiny_checkpoint, tmp_path):
     assert pixel_diff.max() < 0.05
 
 
+HUB_KEY_PREFIXES = ("vision_tower.vision_model.", "language_model.model.", "language_model.lm_head.",
+                    "multi_modal_projector.", "image_newline")
+"""How the hub's llava-hf folders name their weights (llava-1.5-7b-hf's index); vLLM loads only these for the tower."""
+
+
+def check_hub_layout(folder: Path, model_class) -> None:
+    """`folder`'s weights carry the hub's key names and load into `model_class` with nothing missing or left over."""
+    from safetensors import safe_open
+
+    keys = [k for f in folder.glob("*.safetensors") for k in safe_open(f, "pt").keys()]
+    assert keys and all(k.startswith(HUB_KEY_PREFIXES) for k in keys), sorted(set(k.split(".")[1] for k in keys))
+    assert any(k.startswith("vision_tower.vision_model.embeddings.") for k in keys)
+    _, info = model_class.from_pretrained(folder, output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+
+
+def test_llava_hf_export_writes_the_hub_layout(tiny_checkpoint, tmp_path):
+    """vLLM refuses transformers 5's own `vision_tower.embeddings...`; the export renames it in place, and
+    transformers still reloads every tensor and answers as mmchat."""
+    from transformers import LlavaForConditionalGeneration
+
+    out = converted(tiny_checkpoint, tmp_path / "llava-hf", "--to", "llava-hf")
+    check_hub_layout(out, LlavaForConditionalGeneration)
+    check_parity(tiny_checkpoint, LlavaForConditionalGeneration.from_pretrained(out).eval())
+
+
 def test_chat_template_multi_turn():
     from jinja2 import Template
 

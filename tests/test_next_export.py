@@ -23,7 +23,7 @@ from mmchat.conversation import render
 from mmchat.convert.cli import main
 from mmchat.model import LoadOptions, load_model
 from mmchat.templates import resolve_template
-from test_convert import converted
+from test_convert import check_hub_layout, converted
 from test_next import GRIDS, NEW_TOKENS, PINS, build_next_folder, hf_chat, images, mmchat_logits, transformers_turn
 from test_zoo import QUESTIONS, processor_inputs
 from tiny_models import build_original_llava
@@ -71,6 +71,7 @@ def test_export_is_the_original_folder(exported, reference):
     for field in ("patch_size", "vision_feature_select_strategy", "num_additional_image_tokens", "chat_template"):
         assert getattr(ours, field) == getattr(processor, field), field
     assert again.generation_config.eos_token_id in (llava.generation_config.eos_token_id, *llava.generation_config.eos_token_id)
+    check_hub_layout(exported, LlavaNextForConditionalGeneration)
 
 
 @pytest.mark.parametrize("name", list(GRIDS))
@@ -222,6 +223,7 @@ def test_onevision_export_is_the_original_folder(tmp_path):
         assert getattr(again.config, field) == getattr(llava.config, field), field
     state, theirs = again.state_dict(), llava.state_dict()
     assert state.keys() == theirs.keys() and all(torch.equal(state[k], theirs[k]) for k in theirs)
+    check_hub_layout(exported, LlavaOnevisionForConditionalGeneration)
     processor, ours = AutoProcessor.from_pretrained(folder), AutoProcessor.from_pretrained(exported)
     for field in ("num_image_tokens", "vision_feature_select_strategy", "vision_aspect_ratio", "chat_template"):
         assert getattr(ours, field) == getattr(processor, field), field

@@ -71,6 +71,7 @@ def to_llava_hf(src: Path, dst: Path, overwrite: bool = False) -> Path:
     log(f"writing {dst} ({type(llava).__name__})")
     with atomic_dir(dst) as tmp:  # complete before it takes DST's name
         llava.save_pretrained(tmp)
+        hub_layout(Path(tmp))
         processor.save_pretrained(tmp)
     return dst
 
@@ -264,4 +265,52 @@ def chat_template(name: str, tokenizer=None) -> str | None:
     )
 
 
-# ---------------------------------------------------------------- command line
+
+HUB_PREFIXES = {"vision_tower.": "vision_tower.vision_model."}
+"""Key prefixes `save_pretrained` writes -> the hub's llava-hf folders' (llava-1.5-7b-hf, interleave, v1.6,
+OneVision). transformers 5 flattens CLIP/SigLIP vision models and saves the tower's keys as
+`vision_tower.embeddings...`; it renames either form on load, but vLLM (0.32) loads only the hub's
+`vision_tower.vision_model...` (its own CLIP/SigLIP keep `vision_model`). The rest of the keys
+(`language_model.model.`, `language_model.lm_head.`, `multi_modal_projector.`, `image_newline`) are
+already the hub's."""
+
+
+def hub_layout(folder: Path) -> None:
+    """Rename the keys of the safetensors weights `save_pretrained` wrote in `folder` (and its shard index)
+    to the hub's layout (`HUB_PREFIXES`). Only the headers are rewritten: the tensor bytes are copied as
+    they are, so no weight is loaded."""
+    def rename(key: str) -> str:
+        for old, new in HUB_PREFIXES.items():
+            if key.startswith(old) and not key.startswith(new):
+                return new + key[len(old):]
+        return key
+
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        data = json.loads(index.read_text())
+        data["weight_map"] = {rename(k): v for k, v in data["weight_map"].items()}
+        index.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    for path in folder.glob("*.safetensors"):
+        rename_safetensors(path, rename)
+
+
+def rename_safetensors(path: Path, rename) -> None:
+    """Rewrite a safetensors file's header with each tensor key `k` as `rename(k)`. The format is an 8-byte
+    little-endian header length, the JSON header (names -> dtype, shape, offsets into the data that
+    follows) and the data; offsets count from the data's start, so a new header keeps them valid."""
+    import shutil
+    import struct
+
+    with path.open("rb") as f:
+        (size,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(size))
+        renamed = {(k if k == "__metadata__" else rename(k)): v for k, v in header.items()}
+        if renamed.keys() == header.keys():
+            return
+        raw = json.dumps(renamed, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)  # the data stays 8-byte aligned, as safetensors writes it
+        tmp = path.with_suffix(".tmp")
+        with tmp.open("wb") as out:
+            out.write(struct.pack("<Q", len(raw)) + raw)
+            shutil.copyfileobj(f, out, 16 << 20)
+    tmp.replace(path)

@@ -19,7 +19,9 @@ from torch import nn
 from finetune.train_config import ALL_LINEAR, ConfigError, TrainConfig
 from mmchat.checkpoint import PROJECTOR_FILE, is_checkpoint, read_config, resolve_path
 from mmchat.config import ModelConfig, ProjectorConfig, VisionConfig
-from mmchat.model import IMAGE_NEWLINE, LoadOptions, MultimodalModel, add_image_newline, load_llm, load_tokenizer
+from mmchat.model import (
+    IMAGE_NEWLINE, LoadOptions, MultimodalModel, add_image_newline, checkpoint_tokenizer, load_llm, load_tokenizer,
+)
 from mmchat.projector import build_projector, patch_grid
 from mmchat.templates import CHAT, resolve_template
 from mmchat.vision import (
@@ -50,7 +52,8 @@ def build_model(cfg: TrainConfig, device: str) -> Built:
     if adapter and cfg.stage == "full":
         raise ConfigError(f"--model {cfg.model} holds a LoRA adapter; merge it first "
                           "(python -m finetune.merge) to train every weight with --stage full")
-    tokenizer = load_tokenizer(tokenizer_ref)
+    # A converted folder's processor (its tokenizer class, its image processor) trains as it chats.
+    tokenizer, processor = checkpoint_tokenizer(cfg.model, config) if cfg.model else (load_tokenizer(tokenizer_ref), None)
     _check_template(cfg, tokenizer)
     llm = load_llm(llm_ref, options, adapter, trainable=adapter is not None and cfg.stage == "instruct")
     newline, fresh = None, projector is None
@@ -68,7 +71,7 @@ def build_model(cfg: TrainConfig, device: str) -> Built:
     config.template = cfg.template_name
     llm, targets = _set_trainable(llm, cfg, adapter)
     projector.to(device, torch.float32).requires_grad_(True)
-    model = MultimodalModel(config, vision.to(device), projector, llm, tokenizer)
+    model = MultimodalModel(config, vision.to(device), projector, llm, tokenizer, processor)
     _check_widths(model)
     return Built(model, llm_ref, vision_cfg, targets)
 

@@ -95,7 +95,7 @@ def save_model(out: Path, built: Built, stage: str) -> Path:
         out, output_config(built, stage), model.projector, model.tokenizer,
         llm=model.llm if stage == "full" else None,
         vision=model.vision, vision_model_cfg=built.vision_model_cfg,
-        adapter_model=model.llm if peft else None,
+        adapter_model=model.llm if peft else None, processor=model.processor,
     )
 
 

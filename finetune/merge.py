@@ -17,7 +17,7 @@ from pathlib import Path
 
 from finetune.build import vision_model_cfg
 from mmchat.checkpoint import LLM_DIR, read_config, read_projector_state, resolve_path, save_checkpoint
-from mmchat.model import LoadOptions, add_image_newline, load_llm, load_tokenizer
+from mmchat.model import LoadOptions, add_image_newline, checkpoint_tokenizer, load_llm
 from mmchat.projector import build_projector
 from mmchat.vision import load_vision_tower
 
@@ -67,8 +67,9 @@ def merge(args: MergeArgs) -> Path:
     own_vision = config.vision.pretrained is None
     merged = copy.deepcopy(config)
     merged.llm, merged.tokenizer, merged.adapter = LLM_DIR, LLM_DIR, None
+    tokenizer, processor = checkpoint_tokenizer(src, config)
     return save_checkpoint(
-        args.out, merged, projector, load_tokenizer(resolve_path(src, config.tokenizer)), llm=llm,
+        args.out, merged, projector, tokenizer, llm=llm, processor=processor,
         vision=load_vision_tower(config.vision, src) if own_vision else None,
         vision_model_cfg=vision_model_cfg(src) if own_vision else None,
     )

@@ -218,7 +218,8 @@ def _data(cfg: TrainConfig, built: Built, store: RecordStore,
     pad_id = model.tokenizer.pad_token_id
     pad_id = model.tokenizer.eos_token_id if pad_id is None else pad_id
     loader = DataLoader(
-        LlavaDataset(store, settings, model.config.vision, image_root), batch_sampler=sampler,
+        LlavaDataset(store, settings, model.config.vision, image_root,
+                     None if model.processor is None else model.processor.image_processor), batch_sampler=sampler,
         collate_fn=partial(collate, pad_id=pad_id), num_workers=cfg.num_workers,
         pin_memory=accelerator.device.type == "cuda",
         generator=torch.Generator().manual_seed(cfg.seed),  # workers' seeds must not draw from the global RNG

@@ -6,6 +6,8 @@
     llm/                    a transformers model folder with its tokenizer (or only a tokenizer
                             when `llm` names a base model and `adapter/` holds a PEFT LoRA adapter)
     adapter/                optional PEFT adapter
+    processor/              optional transformers processor (tokenizer, image processor, chat template)
+                            of a converted llava-hf folder; then `tokenizer` names it too
 
 Every writer here (and every other file mmchat writes that a reader may see half-done: datasets,
 plots, training checkpoints) goes through `atomic_dir` / `atomic_file`: the new content is
@@ -13,6 +15,7 @@ built beside the target and renamed into place, so an interrupted run leaves the
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -22,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 # The folder names are defined beside ModelConfig's defaults that use them; users import them from here.
-from mmchat.config import ADAPTER_DIR, LLM_DIR, TOKENIZER_DIR, ModelConfig  # noqa: F401
+from mmchat.config import ADAPTER_DIR, LLM_DIR, PROCESSOR_DIR, TOKENIZER_DIR, ModelConfig  # noqa: F401
 
 if TYPE_CHECKING:
     from torch import nn
@@ -139,16 +142,22 @@ def save_checkpoint(
     vision: nn.Module | None = None,
     vision_model_cfg: dict | None = None,
     adapter_model: nn.Module | None = None,
+    processor=None,
 ) -> Path:
     """Write a checkpoint at `out`, atomically.
 
     `llm` is saved as a standard transformers folder under `llm/`; `adapter_model` (a PEFT
     model) saves only its adapter under `adapter/`. `vision` is saved when the config has no
-    pretrained tag.
+    pretrained tag. `processor` (a transformers processor: a converted folder's) is saved under
+    `processor/` with `tokenizer` as its tokenizer, and the config's `processor` and `tokenizer` name it.
     """
     from mmchat.vision import save_vision_tower
 
     out = Path(out)
+    if processor is not None:  # the tokenizer travels inside the processor, so its class is the processor's
+        config = dataclasses.replace(config, processor=PROCESSOR_DIR, tokenizer=PROCESSOR_DIR)
+    elif config.processor is not None:
+        raise ValueError(f"the config names processor {config.processor!r} but no processor was given to save")
     if config.vision.pretrained is None and (vision is None or vision_model_cfg is None):
         raise ValueError("a checkpoint without a pretrained vision tag must include the vision tower and its open_clip config")
     with atomic_dir(out) as tmp:
@@ -157,7 +166,11 @@ def save_checkpoint(
             save_vision_tower(vision, vision_model_cfg, tmp)
         if llm is not None:
             llm.save_pretrained(tmp / config.llm)
-        tokenizer.save_pretrained(tmp / config.tokenizer)
+        if processor is not None:
+            processor.tokenizer = tokenizer  # the model's own (training may have added tokens)
+            processor.save_pretrained(tmp / PROCESSOR_DIR)
+        else:
+            tokenizer.save_pretrained(tmp / config.tokenizer)
         if adapter_model is not None:
             adapter_model.save_pretrained(tmp / (config.adapter or ADAPTER_DIR))
         write_config(config, tmp)  # last: only a complete folder has it

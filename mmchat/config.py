@@ -169,7 +169,7 @@ class ProjectorConfig:
 
 
 # The checkpoint's folders (mmchat.checkpoint owns the format; the defaults below name them).
-LLM_DIR, TOKENIZER_DIR, ADAPTER_DIR = "llm", "tokenizer", "adapter"
+LLM_DIR, TOKENIZER_DIR, ADAPTER_DIR, PROCESSOR_DIR = "llm", "tokenizer", "adapter", "processor"
 
 
 @dataclass
@@ -180,7 +180,14 @@ class ModelConfig:
     """The language model: a folder inside the checkpoint, or a base model's path or hub id
     (when `adapter` holds the fine-tuned part)."""
     tokenizer: str = LLM_DIR
-    """Tokenizer folder inside the checkpoint, a path, or a hub id."""
+    """Tokenizer folder inside the checkpoint, a path, or a hub id (`processor`'s folder when that is set)."""
+    processor: str | None = None
+    """A transformers processor folder inside the checkpoint (`AutoProcessor.save_pretrained`: tokenizer,
+    image processor, chat template), kept from a converted llava-hf folder. Set: the tokenizer is the
+    processor's (the class its tokenizer_config.json names) and images are preprocessed by its image
+    processor as `AutoProcessor.from_pretrained` loads it (the torchvision backend where torchvision is
+    installed), exactly as transformers does on the source folder. None (checkpoints mmchat trained on
+    open_clip towers, original LLaVA): `mmchat.image.preprocess` from this config's vision fields."""
     adapter: str | None = None
     """A PEFT LoRA adapter folder inside the checkpoint, applied on top of `llm`."""
     template: str = "llava_v1"

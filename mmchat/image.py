@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
+from mmchat.anyres import AnyresSettings, preprocess_anyres, preprocess_square
 from mmchat.config import VisionConfig
 
 MAX_PIXELS = 50_000_000
@@ -145,3 +146,24 @@ def preprocess(image: Image.Image, cfg: VisionConfig) -> torch.Tensor:
     mean = torch.tensor(cfg.mean, dtype=torch.float32)[:, None, None]
     std = torch.tensor(cfg.std, dtype=torch.float32)[:, None, None]
     return (pixels - mean) / std
+
+
+def image_pixels(images: Sequence[Image.Image], layout: str, vision: VisionConfig, tiling: AnyresSettings | None,
+                 image_processor=None) -> torch.Tensor:
+    """Normalised pixels of `images`, all of one prompt: [N, 3, S, S] for `square` (one per image),
+    [1 + rows*cols, 3, S, S] for `tiles` (one image: its base tile, then its grid's tiles, row by row).
+
+    `image_processor` (a converted folder's, `ModelConfig.processor`) makes them exactly as transformers
+    does on that folder; without one, mmchat's own preprocessing of `vision` (PIL-exact `preprocess`;
+    `mmchat.anyres`, equal to the torchvision backend of LLaVA-NeXT's / OneVision's processors)."""
+    if image_processor is not None:
+        if layout == "tiles":  # one image, so no tile padding: [1, 1 + rows*cols, 3, S, S]
+            return image_processor(images=[images[0]], return_tensors="pt")["pixel_values"][0]
+        if tiling is not None:  # OneVision: the images of a prompt holding several are not tiled
+            return image_processor(images=[list(images)], return_tensors="pt")["pixel_values"].flatten(0, 1)
+        return image_processor(images=list(images), return_tensors="pt")["pixel_values"]
+    if layout == "tiles":
+        return preprocess_anyres(images[0], tiling)[0]
+    if tiling is not None:
+        return torch.cat([preprocess_square(im, tiling) for im in images])
+    return torch.stack([preprocess(im, vision) for im in images])

@@ -12,7 +12,7 @@ from torch import nn
 from mmchat import anyres
 from mmchat.checkpoint import read_config, read_projector_state, resolve_path
 from mmchat.config import LOAD_IN, ModelConfig
-from mmchat.image import preprocess
+from mmchat.image import image_pixels
 from mmchat.projector import build_projector
 from mmchat.vision import image_features, load_vision_tower, num_image_tokens, patch_size
 
@@ -50,13 +50,17 @@ class LoadOptions:
 class MultimodalModel(nn.Module):
     """LLaVA-1.5: image features from the tower's `select_layer`, projected into the LLM's image slots."""
 
-    def __init__(self, config: ModelConfig, vision: nn.Module, projector: nn.Module, llm: nn.Module, tokenizer):
+    def __init__(self, config: ModelConfig, vision: nn.Module, projector: nn.Module, llm: nn.Module, tokenizer,
+                 processor=None):
         super().__init__()
         self.config = config
         self.vision = vision
         self.projector = projector
         self.llm = llm
         self.tokenizer = tokenizer
+        self.processor = processor
+        """A converted folder's transformers processor (`ModelConfig.processor`): its image processor makes
+        the pixels; None: `mmchat.image.preprocess` / `mmchat.anyres` from `config.vision`."""
         self.anyres = None if config.vision.anyres is None else anyres.settings_from_config(config.vision, patch_size(vision))
         if self.anyres is not None:
             tokens = num_image_tokens(vision, config.vision)
@@ -117,18 +121,23 @@ class MultimodalModel(nn.Module):
         if layout == "tiles":
             return [self._encode_anyres(im) for im in images]
         if self.anyres is not None:  # OneVision's several images: one padded square and a newline each
-            squares = self.encode_images(torch.cat([anyres.preprocess_square(im, self.anyres) for im in images]))
+            squares = self.encode_images(self.pixels(images, layout))
             newline = getattr(self.projector, IMAGE_NEWLINE)
             return [anyres.pack_image_features(square[None], newline, (im.height, im.width), self.anyres)
                     for square, im in zip(squares, images)]
-        return list(self.encode_images(torch.stack([preprocess(im, self.config.vision) for im in images])))
+        return list(self.encode_images(self.pixels(images, layout)))
+
+    def pixels(self, images: Sequence[Image.Image], layout: str) -> torch.Tensor:
+        """`image_pixels` of one prompt's `images` for this model."""
+        image_processor = None if self.processor is None else self.processor.image_processor
+        return image_pixels(images, layout, self.config.vision, self.anyres, image_processor)
 
     def _encode_anyres(self, image: Image.Image) -> torch.Tensor:
         """One image -> base tile + grid tiles through tower and projector -> packed features [T, H]
         (`LlavaNextModel.get_image_features` / `LlavaOnevisionModel`'s for one image)."""
-        pixels, size = anyres.preprocess_anyres(image, self.anyres)  # [1 + rows*cols, 3, S, S]
-        tiles = self.encode_images(pixels)  # [1 + rows*cols, g*g, H]
-        return anyres.pack_image_features(tiles, getattr(self.projector, IMAGE_NEWLINE), size, self.anyres)
+        tiles = self.encode_images(self.pixels([image], "tiles"))  # [1 + rows*cols, g*g, H]
+        return anyres.pack_image_features(tiles, getattr(self.projector, IMAGE_NEWLINE), (image.height, image.width),
+                                          self.anyres)
 
     def embed(self, input_ids: torch.Tensor, image_mask: torch.Tensor,
               features: torch.Tensor | Sequence[torch.Tensor] | None) -> torch.Tensor:
@@ -239,6 +248,38 @@ def load_tokenizer(path: str):
     return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
 
 
+def load_processor(path: str):
+    """A checkpoint's transformers processor (`ModelConfig.processor`), loaded as `AutoProcessor` loads the
+    source folder's: the tokenizer class its files name, the default image-processor backend."""
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(path, trust_remote_code=False)
+    if processor.tokenizer.chat_template is None:  # mmchat's templates read the tokenizer's
+        processor.tokenizer.chat_template = processor.chat_template
+    return processor
+
+
+def checkpoint_tokenizer(checkpoint: str | Path, config: ModelConfig):
+    """(tokenizer, processor or None) of a checkpoint: a converted folder's processor and the tokenizer
+    inside it, else the tokenizer `config.tokenizer` names."""
+    if config.processor:
+        processor = load_processor(resolve_path(checkpoint, config.processor))
+        return processor.tokenizer, processor
+    return load_tokenizer(resolve_path(checkpoint, config.tokenizer)), None
+
+
+def describe_preprocessing(model: MultimodalModel) -> str:
+    """Which code makes a model's pixels, for status lines: the checkpoint's transformers image processor
+    and its backend, or mmchat's own preprocessing."""
+    tokenizer = type(model.tokenizer).__name__
+    if model.processor is None:
+        kind = "AnyRes tiles as transformers' torchvision backend" if model.anyres else "PIL-exact, as LLaVA's own code"
+        return f"mmchat's preprocessing ({kind}), {tokenizer}"
+    image_processor = model.processor.image_processor
+    backend = getattr(image_processor, "backend", None) or ("pil" if type(image_processor).__name__.endswith("Pil") else "torchvision")
+    return f"the checkpoint's {type(image_processor).__name__} ({backend} backend), {tokenizer}"
+
+
 def load_model(checkpoint: str | Path, options: LoadOptions | None = None) -> MultimodalModel:
     """Load an mmchat checkpoint folder (see `mmchat.checkpoint`) for inference."""
     options = options or LoadOptions()
@@ -252,5 +293,5 @@ def load_model(checkpoint: str | Path, options: LoadOptions | None = None) -> Mu
     projector.to(options.device, options.compute_dtype).eval().requires_grad_(False)
     adapter = resolve_path(checkpoint, config.adapter) if config.adapter else None
     llm = load_llm(resolve_path(checkpoint, config.llm), options, adapter).eval()
-    tokenizer = load_tokenizer(resolve_path(checkpoint, config.tokenizer))
-    return MultimodalModel(config, vision, projector, llm, tokenizer)
+    tokenizer, processor = checkpoint_tokenizer(checkpoint, config)
+    return MultimodalModel(config, vision, projector, llm, tokenizer, processor)

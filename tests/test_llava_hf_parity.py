@@ -1,7 +1,10 @@
 """A converted llava-hf folder preprocesses and stops exactly as transformers does on that folder.
 
-The reference is transformers' PIL-backend image processor (`backend="pil"`), which matches LLaVA's
-original preprocessing; its torchvision backend's bicubic differs by up to ~0.015.
+A converted checkpoint keeps the folder's processor, so its pixels are those of the image processor
+`AutoProcessor` loads by default (the torchvision backend). The folder's settings are also read into
+`VisionConfig` as transformers' PIL backend reads them (LLaVA's original preprocessing, which
+`mmchat.image.preprocess` reproduces): that is what `--to llava-hf` writes back; the two backends'
+bicubic resizes differ by up to ~0.015.
 """
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ from mmchat.config import CLIP_MEAN, CLIP_STD, VisionConfig
 from mmchat.convert.cli import main
 from mmchat.convert.from_llava import image_settings
 from mmchat.image import load_image, preprocess
+from mmchat.model import LoadOptions, load_model
 from tiny_models import llava_hf_variant
 
 QUESTION = "what colour is the circle?"
@@ -64,6 +68,13 @@ def reference_pixels(folder, image: Image.Image) -> torch.Tensor:
     return processor(images=image, return_tensors="pt")["pixel_values"][0]
 
 
+def default_pixels(folder, image: Image.Image) -> torch.Tensor:
+    """[3, S, S] from the image processor `AutoProcessor.from_pretrained(folder)` loads (torchvision backend)."""
+    from transformers import AutoProcessor
+
+    return AutoProcessor.from_pretrained(folder).image_processor(images=image, return_tensors="pt")["pixel_values"][0]
+
+
 EXPECTED = {  # what the converter makes of each processor
     "crop": {"pad_to_square": False, "resize": "shortest_edge", "mean": CLIP_MEAN},
     "pad": {"pad_to_square": True, "resize": "shortest_edge", "mean": CLIP_MEAN},
@@ -106,17 +117,34 @@ def test_converted_folder_preprocesses_as_its_processor(tiny_llava_hf_dir, tmp_p
     else:
         folder = llava_hf_variant(tiny_llava_hf_dir, tmp_path / f"llava-{kind}", processor_config(kind, 32))
         expected = EXPECTED[kind]
-    vision = read_config(converted(folder, tmp_path / "mmchat")).vision
+    checkpoint = converted(folder, tmp_path / "mmchat")
+    vision = read_config(checkpoint).vision
     assert {k: getattr(vision, k) for k in expected} == expected
-    for image in images().values():
+    for image in images().values():  # the settings read as the PIL backend reads them (what --to llava-hf writes)
         torch.testing.assert_close(preprocess(image, vision), reference_pixels(folder, image), atol=1e-6, rtol=0)
+    # ... while the model's pixels are the default processor's, to the bit (the checkpoint keeps it)
+    model = load_model(checkpoint, LoadOptions("32bit", "cpu"))
+    for image in images().values():
+        assert torch.equal(model.pixels([image], "square")[0], default_pixels(folder, image))
 
 
 def test_pad_flags_override_the_folder(tiny_llava_hf_dir, tmp_path):
+    from transformers import LlavaImageProcessor
+
+    from mmchat.model import load_processor
+
     padded = llava_hf_variant(tiny_llava_hf_dir, tmp_path / "llava-pad", processor_config("pad", 32))
     assert read_config(converted(tiny_llava_hf_dir, tmp_path / "a", "--pad")).vision.pad_to_square is True
     assert read_config(converted(padded, tmp_path / "b", "--no-pad")).vision.pad_to_square is False
     assert read_config(converted(padded, tmp_path / "c")).vision.pad_to_square is True
+    # the kept processor pads as the flag says: transformers' LlavaImageProcessor with do_pad
+    tall = images()["tall"]
+    for name, pads in (("a", True), ("b", False), ("c", True)):
+        image_processor = load_processor(str(tmp_path / name / "processor")).image_processor
+        assert isinstance(image_processor, LlavaImageProcessor) and image_processor.do_pad is pads
+    theirs = default_pixels(padded, tall)
+    assert torch.equal(load_processor(str(tmp_path / "c" / "processor")).image_processor(images=tall, return_tensors="pt")[
+        "pixel_values"][0], theirs)
 
 
 def test_folder_without_processor_config_uses_llava_defaults(tiny_llava_hf_dir, tmp_path, capsys):
@@ -163,7 +191,6 @@ def test_chat_stops_where_transformers_generate_stops(tiny_llava_hf_model, tmp_p
     from mmchat.chat import ChatSession
     from mmchat.conversation import USER, Message
     from mmchat.generate import GenerationConfig
-    from mmchat.model import LoadOptions, load_model
 
     folder, reference = tiny_llava_hf_model
     image = images()["wide"]
@@ -187,7 +214,7 @@ def test_chat_stops_where_transformers_generate_stops(tiny_llava_hf_model, tmp_p
     ours = chat.last_stats.answer_ids
 
     generation = HFGenerationConfig.from_pretrained(folder)
-    pixels = reference_pixels(folder, image)[None]
+    pixels = default_pixels(folder, image)[None]
     theirs = reference.generate(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixels,
                                 generation_config=generation, max_new_tokens=20, do_sample=False)[0, ids.shape[1]:].tolist()
     assert theirs == tokens[:stop_at + 1]  # transformers stops at X, and keeps it

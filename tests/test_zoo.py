@@ -5,8 +5,8 @@ bakLlava, Qwen2 with ChatML as llava-interleave, Llama-3 as xtuner's llava-llama
 saved as the hub's folders are: a `LlavaProcessor` with the family's chat template, the tokenizer
 with `<image>`, a generation config with the family's stop ids. The reference is transformers on
 that folder: `processor.apply_chat_template(..., tokenize=True)` (the ids; it adds no second BOS
-when the template writes one), the PIL-backend image processor (mmchat's preprocessing matches it;
-the torchvision backend's bicubic differs by ~0.015) and `generate(do_sample=False)`.
+when the template writes one), the image processor `AutoProcessor` loads by default (the torchvision
+backend; the converted checkpoint keeps that processor) and `generate(do_sample=False)`.
 
 The second turn's history is the first answer as a transformers user gets it back:
 `decode(new_tokens, skip_special_tokens=True)`, stripped, sent as the assistant's text part. mmchat
@@ -27,7 +27,7 @@ from benchmarks.agreement import TOLERANCE, compare_turn
 from benchmarks.random_llava import LLAVA_15_CHAT_TEMPLATE
 from mmchat.checkpoint import read_config
 from mmchat.convert.cli import main
-from mmchat.image import load_image, preprocess
+from mmchat.image import load_image
 from mmchat.templates import IMAGE_TOKEN, resolve_template
 from test_chat_templates import GEMMA, LLAMA_3, LLAVA_INTERLEAVE_QWEN, PHI_3
 from tiny_models import build_chat_tokenizer, build_llava_family
@@ -57,6 +57,11 @@ class Family:
     template_file: str = "chat_template.jinja"
     answer_parts: bool = False
     """The template reads an answer as content parts (llava-hf's own templates); else as a string."""
+    word_level: bool = False
+    """A whole-word tokenizer (`build_chat_tokenizer(word_level=True)`), not the LLM type's kind: loading
+    it as the LLM type's default class (Qwen2Tokenizer, LlamaTokenizer) would tokenize another way."""
+    tokenizer_class: str | None = None
+    """tokenizer_config.json's `tokenizer_class`, when not what transformers writes (`TokenizersBackend`)."""
 
 
 FAMILIES = {
@@ -74,6 +79,12 @@ FAMILIES = {
                     ("<|endoftext|>", "<|end|>"), "<|end|>"),
     "gemma": Family("GemmaConfig", GEMMA, ("<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"),
                     "<bos>", "<eos>", False, True, ("<eos>", "<end_of_turn>"), "<end_of_turn>"),
+    # The folder's tokenizer class is not the LLM type's: mmchat must load the class the folder names.
+    "qwen2-wordlevel": Family("Qwen2Config", LLAVA_INTERLEAVE_QWEN, ("<|endoftext|>", "<|im_start|>", "<|im_end|>"), None,
+                              "<|im_end|>", False, False, ("<|im_end|>", "<|endoftext|>"), "<|im_end|>",
+                              answer_parts=True, word_level=True),
+    "llama-fast": Family("LlamaConfig", LLAVA_15, LLAMA_SPECIALS, "<s>", "</s>", False, True, ("</s>",), "</s>",
+                         answer_parts=True, word_level=True, tokenizer_class="PreTrainedTokenizerFast"),
 }
 
 
@@ -101,13 +112,16 @@ def build_folder(root, name: str):
     already hold a stop id are skipped. Returns (folder, end id)."""
     family = FAMILIES[name]
     tokenizer = build_chat_tokenizer(list(family.specials), family.bos, family.eos, family.byte_level, family.adds_bos,
-                                     CORPUS)
+                                     CORPUS, word_level=family.word_level)
     stops = [tokenizer.convert_tokens_to_ids(t) for t in family.stops]
     end = tokenizer.convert_tokens_to_ids(family.end)
     folder = root / name
     for seed in range(5):
         llava = build_llava_family(folder, text_config(family, tokenizer), tokenizer, family.template, stops,
                                    family.template_file, seed=seed)
+        if family.tokenizer_class:
+            saved = json.loads((folder / "tokenizer_config.json").read_text())
+            (folder / "tokenizer_config.json").write_text(json.dumps({**saved, "tokenizer_class": family.tokenizer_class}))
         inputs = processor_inputs(reference_processor(folder), chat([], QUESTIONS[0], family.answer_parts))
         free = llava.generate(**inputs, max_new_tokens=12, do_sample=False, eos_token_id=None, min_new_tokens=12)
         picks = free[0, inputs["input_ids"].shape[1]:].tolist()
@@ -124,7 +138,7 @@ def build_folder(root, name: str):
 def reference_processor(folder):
     from transformers import AutoProcessor
 
-    return AutoProcessor.from_pretrained(folder, backend="pil")
+    return AutoProcessor.from_pretrained(folder)
 
 
 def chat(history: list[tuple[str, str]], question: str, answer_parts: bool) -> list[dict]:
@@ -157,7 +171,7 @@ def transformers_turn(llava, inputs: dict, stops: list[int]) -> tuple[list[int],
 @torch.no_grad()
 def mmchat_logits(model, rendered, chosen: list[int]) -> torch.Tensor:
     """mmchat's logits [len(chosen), V] for each picked token, from one forward over prompt + picks."""
-    feats = model.encode_images(preprocess(photo(), model.config.vision).unsqueeze(0))
+    feats = model.encode_images(model.pixels([photo()], "square"))
     ids = torch.tensor([rendered.input_ids + chosen[:-1]])
     mask = torch.tensor([rendered.image_mask + [False] * (len(chosen) - 1)])
     logits = model.llm(inputs_embeds=model.embed(ids, mask, feats)).logits[0]
@@ -189,6 +203,7 @@ def test_family_answers_as_transformers_does(name, tmp_path):
     checkpoint = converted(folder, tmp_path / "mmchat")
     config = read_config(checkpoint)
     model = load_model(checkpoint, LoadOptions("32bit", "cpu"))
+    assert type(model.tokenizer) is type(processor.tokenizer), "the folder's own tokenizer class"
     assert config.template == "chat" and model.tokenizer.chat_template == family.template
     assert config.image_token_id == model.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN) == llava.config.image_token_index
     assert set(config.stop_token_ids or [model.tokenizer.eos_token_id]) == set(stops)
@@ -227,6 +242,7 @@ def test_family_answers_as_transformers_does(name, tmp_path):
     # --to llava-hf: transformers loads the export and reads the same conversation the same way
     exported = converted(checkpoint, tmp_path / "llava-hf", "--to", "llava-hf")
     again = LlavaForConditionalGeneration.from_pretrained(exported, dtype=torch.float32).eval()
+    assert type(reference_processor(exported).tokenizer) is type(processor.tokenizer)
     inputs = processor_inputs(reference_processor(exported), chat(history[:1], QUESTIONS[1], family.answer_parts))
     original = processor_inputs(processor, chat(history[:1], QUESTIONS[1], family.answer_parts))
     assert inputs["input_ids"].tolist() == original["input_ids"].tolist()

@@ -271,18 +271,27 @@ def llava_hf_variant(folder: Path, out: Path, image_processor_config: dict | Non
 # -- the llava-hf zoo: one tiny folder per LLM family, written like the hub's -------------------
 
 def build_chat_tokenizer(specials: list[str], bos: str | None, eos: str, byte_level: bool, adds_bos: bool,
-                         corpus: list[str], vocab_size: int = 320, image_token: bool = True):
+                         corpus: list[str], vocab_size: int = 320, image_token: bool = True, word_level: bool = False):
     """A tiny BPE tokenizer in a family's style, with `<image>` added as llava-hf's tokenizers have it
     (`image_token=False`: none, as a fresh LLM's tokenizer).
 
     `byte_level`: Qwen2 / Llama-3's byte-level BPE (no unknown token); else sentencepiece-like (LLaMA,
-    Mistral, Phi-3, Gemma: "▁" for spaces, a prefix space at the start, `<unk>`). `adds_bos`: the
+    Mistral, Phi-3, Gemma: "▁" for spaces, a prefix space at the start, `<unk>`). `word_level`: neither,
+    a whole-word vocabulary split on whitespace and punctuation (`<unk>` for the rest), decoded with
+    spaces between words: a tokenizer no LLM type's default class can read. `adds_bos`: the
     tokenizer puts `bos` before every text (LLaMA's `add_bos_token`; Qwen has none).
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
-    if byte_level:
+    if word_level:
+        unk, splitter = "<unk>", pre_tokenizers.Whitespace()
+        words = sorted({w for line in corpus for w, _ in splitter.pre_tokenize_str(line)})
+        vocab = {t: i for i, t in enumerate(dict.fromkeys([*specials, unk, *(["<image>"] if image_token else []), *words]))}
+        tok = Tokenizer(models.WordLevel(vocab, unk_token=unk))
+        tok.pre_tokenizer, tok.decoder = splitter, decoders.WordPiece(prefix="##")
+        tok.add_special_tokens([t for t in [*specials, *(["<image>"] if image_token else [])]])
+    elif byte_level:
         tok, unk = Tokenizer(models.BPE()), None
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tok.decoder = decoders.ByteLevel()
@@ -294,9 +303,10 @@ def build_chat_tokenizer(specials: list[str], bos: str | None, eos: str, byte_le
             pre_tokenizers.Split("\n", "isolated"), pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")])
         tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
         alphabet = []
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[*specials, *(["<image>"] if image_token else [])],
-                                  initial_alphabet=alphabet, show_progress=False)
-    tok.train_from_iterator(corpus, trainer)
+    if not word_level:
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[*specials, *(["<image>"] if image_token else [])],
+                                      initial_alphabet=alphabet, show_progress=False)
+        tok.train_from_iterator(corpus, trainer)
     if adds_bos:
         tok.post_processor = processors.TemplateProcessing(
             single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tok.token_to_id(bos))])

@@ -27,11 +27,11 @@ from tqdm import tqdm
 from finetune.data.check import conversation_problems
 from finetune.data.io import RECORD_SUFFIXES, BadLine, DataError, iter_records
 from finetune.train_log import bar_disabled
-from mmchat.anyres import AnyresSettings, Size, num_image_tokens, preprocess_anyres
+from mmchat.anyres import AnyresSettings, Size, num_image_tokens
 from mmchat.checkpoint import atomic_file
 from mmchat.config import VisionConfig
 from mmchat.conversation import IGNORE_INDEX, Rendered, messages_from_llava, render
-from mmchat.image import ImageError, image_size, load_image, preprocess
+from mmchat.image import ImageError, image_pixels, image_size, load_image
 from mmchat.templates import Template
 
 SHOWN = 5
@@ -242,11 +242,14 @@ class LlavaDataset(Dataset):
     width); or {"error": message} for an unreadable image (raised by the training loop, so the user
     sees one line instead of a worker traceback)."""
 
-    def __init__(self, store: RecordStore, settings: RenderSettings, vision: VisionConfig, image_root: Path | None):
+    def __init__(self, store: RecordStore, settings: RenderSettings, vision: VisionConfig, image_root: Path | None,
+                 image_processor=None):
         self.store = store
         self.settings = settings
         self.vision = vision
         self.image_root = image_root
+        self.image_processor = image_processor
+        """A converted folder's image processor (`MultimodalModel.processor`): pixels as in chat; None: mmchat's own."""
 
     def __len__(self) -> int:
         return len(self.store)
@@ -260,10 +263,11 @@ class LlavaDataset(Dataset):
                                 self.settings.image_slots(sizes))
             example = {"pixel_values": None}
             if sum(rendered.image_mask) and anyres is not None:
-                pixels, size = preprocess_anyres(image, anyres)
-                example = {"pixel_values": pixels, "image_size": torch.tensor(size)}  # [1 + rows*cols, 3, S, S], [2]
+                pixels = image_pixels([image], "tiles", self.vision, anyres, self.image_processor)
+                example = {"pixel_values": pixels, "image_size": torch.tensor(sizes[0])}  # [1 + rows*cols, 3, S, S], [2]
             elif sum(rendered.image_mask):
-                example["pixel_values"] = preprocess(self._image(record), self.vision).unsqueeze(0)  # [1, 3, S, S]
+                # [1, 3, S, S]
+                example["pixel_values"] = image_pixels([self._image(record)], "square", self.vision, None, self.image_processor)
         except ImageError as e:
             return {"error": f"record {record_id(record, i + 1)}: {e} (--image-root {self.image_root})"}
         return {

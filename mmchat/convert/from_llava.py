@@ -134,7 +134,7 @@ def from_llava_hf(folder: Path, dst: Path, pad: bool | None = None, template: st
     preprocessing follows the folder's image processor, prompts its chat template, stop ids its generation config.
     LlavaNext: its pinpoints become `vision.anyres`, its `image_newline` goes with the projector."""
     import transformers
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoConfig
 
     hf_config = AutoConfig.from_pretrained(folder)
     model_class = getattr(transformers, LLAVA_HF_CLASSES[hf_config.model_type])
@@ -143,15 +143,19 @@ def from_llava_hf(folder: Path, dst: Path, pad: bool | None = None, template: st
     if hf_config.model_type == "llava_onevision":
         log(f"note: {folder} also reads videos (video_token_index {hf_config.video_token_index}); mmchat converts "
             "it for images only: videos are out of scope")
-    tokenizer = AutoTokenizer.from_pretrained(folder)
+    processor, tokenizer = folder_processor(folder)
     check_image_token(folder, tokenizer, hf_config.image_token_index)
     prompt = choose_template(folder, tokenizer, template)  # before the weights load: a bad template fails fast
+    if processor is not None:
+        processor.chat_template = tokenizer.chat_template
     log(f"loading the llava-hf model ({model_class.__name__})")
     llava, info = model_class.from_pretrained(folder, dtype="auto", output_loading_info=True)
     if info["missing_keys"]:
         raise ConvertError(f"{folder} is missing weights {sorted(info['missing_keys'])[:5]}; is the download complete?")
     library, visual, clip_cfg = tower_from_hf(llava.model.vision_tower)
     settings = with_pad(image_settings(folder, hf_config.vision_config.image_size), pad)
+    if processor is not None and tiling is None and pad is not None:
+        processor.image_processor = padded(processor.image_processor, settings["pad_to_square"])
     try:
         vision = VisionConfig(
             open_clip_model=f"{folder.name}/vision_tower",
@@ -175,7 +179,37 @@ def from_llava_hf(folder: Path, dst: Path, pad: bool | None = None, template: st
     config = ModelConfig(vision=vision, projector=projector_cfg, template=prompt.name, image_token_id=hf_config.image_token_index,
                          stop_token_ids=stop_token_ids(folder, tokenizer, prompt.end_of_turn), **decoding(folder))
     log(f"writing {dst}")
-    return save_checkpoint(dst, config, projector, tokenizer, llm=llm, vision=visual, vision_model_cfg=clip_cfg)
+    return save_checkpoint(dst, config, projector, tokenizer, llm=llm, vision=visual, vision_model_cfg=clip_cfg,
+                           processor=processor)
+
+
+def folder_processor(folder: Path):
+    """(the folder's processor or None, its tokenizer) as transformers' `AutoProcessor` loads them: the
+    tokenizer class the folder's tokenizer_config.json names, the image processor's default backend. The
+    checkpoint keeps the processor, so every path tokenizes and preprocesses as transformers does here."""
+    from transformers import AutoProcessor, AutoTokenizer
+
+    try:
+        loaded = AutoProcessor.from_pretrained(folder, trust_remote_code=False)
+    except OSError:  # no image processor config: transformers' processor cannot load either
+        loaded = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+    if getattr(loaded, "image_processor", None) is None:
+        tokenizer = getattr(loaded, "tokenizer", loaded)
+        log(f"note: {folder} has no image processor; the tokenizer is {type(tokenizer).__name__}, images are "
+            "preprocessed by mmchat from the settings below")
+        return None, tokenizer
+    log(f"processor {type(loaded).__name__}: tokenizer {type(loaded.tokenizer).__name__}, image processor "
+        f"{type(loaded.image_processor).__name__} (kept in the checkpoint; it makes the pixels)")
+    return loaded, loaded.tokenizer
+
+
+def padded(image_processor, pad: bool):
+    """`--pad` / `--no-pad` on a converted folder's image processor: transformers' `LlavaImageProcessor`
+    with the same settings and `do_pad` (LLaVA's pad to square with the mean colour), same backend."""
+    from transformers import LlavaImageProcessor
+
+    saved = {**image_processor.to_dict(), "image_processor_type": "LlavaImageProcessor", "do_pad": pad}
+    return LlavaImageProcessor.from_dict(saved)
 
 
 def check_image_token(folder: Path, tokenizer, image_token_id: int) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from mmchat.model import LoadOptions, MultimodalModel
+from mmchat.model import LoadOptions, MultimodalModel, describe_preprocessing
 from mmchat.serving.config import ServeConfig
 
 FIX = ("start with `python app.py --model PATH` (an mmchat checkpoint, a LLaVA folder or a hub id), "
@@ -57,7 +57,7 @@ def describe(model: MultimodalModel, config: ServeConfig, options: LoadOptions) 
     name = "the demo model" if config.is_demo_model else _display_name(config.model)
     line = (f"Serving {name} · {WEIGHTS[options.load_in]} weights · {options.device} · "
             f"{model.llm.config.model_type} LLM, {_tower(model)}, {_image_tokens(model)}, "
-            f"{model.max_context}-token context")
+            f"{model.max_context}-token context · pixels and tokens: {describe_preprocessing(model)}")
     return f"{line}. {DEMO_LIMITS}" if config.is_demo_model else line
 
 

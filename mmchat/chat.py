@@ -58,6 +58,10 @@ class ChatSession:
     engine: object | None = None
     """A `mmchat.engine.Engine` that decodes this conversation's answers in a batch with others
     (the server's and the app's sessions); None runs the model here, one answer at a time."""
+    strip_answers: bool = True
+    """Keep answers without their leading and trailing spaces (a page shows them so). The API's
+    sessions keep an answer exactly as its client received it, leading space included, so the
+    client's copy, sent back next turn, is the same message (`mmchat.serving.prefix_cache`)."""
 
     def __post_init__(self) -> None:
         self._template = resolve_template(self.template or self.model.config.template, self.model.tokenizer)
@@ -321,7 +325,7 @@ class ChatSession:
             self.drop_cache()
             return ""
         tail = answer.close()
-        self.messages.append(Message(ASSISTANT, answer.text.strip()))
+        self.messages.append(Message(ASSISTANT, answer.text.strip() if self.strip_answers else answer.text))
         return tail
 
     def _generate(self, view: "_View", gen: GenerationConfig, extra_stops: tuple[str, ...] = ()) -> Iterator[str]:

@@ -124,7 +124,9 @@ def render(
     counts = image_slot_counts(image_tokens, sum(m.images for m in messages))
     if escape:
         specials = list(tokenizer.all_special_tokens) + list(tokenizer.get_added_vocab())
-        messages = [Message(m.role, escape_special_text(m.text, specials), m.images) for m in messages]
+        messages = [replace(m, text=escape_special_text(m.text, specials), content=None if m.content is None else [
+            {**part, "text": escape_special_text(part["text"], specials)} if part.get("type") == "text" else part
+            for part in m.content]) for m in messages]
         if template.system:  # a system prompt may be typed too (the API's system message)
             template = replace(template, system=escape_special_text(template.system, specials))
     if template.style == CHAT:

@@ -38,6 +38,10 @@ class Message:
     text: str
     images: int = 0
     """Images attached to this message; LLaVA places them before the text."""
+    content: list[dict] | None = None
+    """The content parts as an API client sent them, in order (`{"type": "text", "text": ...}`,
+    `{"type": "image"}`): a `chat` template renders them as transformers' processor and vLLM do. None:
+    `images` image parts, then `text`. `text` is the text parts joined by newlines (fixed templates)."""
 
 
 @dataclass(frozen=True)
@@ -291,6 +295,8 @@ def _apply(template: Template, messages: list, tokenizer, add_generation_prompt:
     for m in messages:
         if m.role == USER and template.user_text:
             content = f"{IMAGE_TOKEN}\n" * m.images + m.text
+        elif m.content is not None and (m.role == USER or template.assistant_parts):
+            content = m.content
         elif m.role == USER:
             content = [{"type": "image"} for _ in range(m.images)] + [{"type": "text", "text": m.text}]
         else:

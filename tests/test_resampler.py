@@ -259,7 +259,7 @@ def test_api_answers_as_a_fresh_session(resampler_checkpoint):
         one = ask(client, first)["choices"][0]["message"]["content"]
         two = ask(client, first + [{"role": "assistant", "content": one}, {"role": "user", "content": "And then?"}])
     assert 64 < two["usage"]["prompt_tokens_details"]["cached_tokens"] < two["usage"]["prompt_tokens"]
-    image = prepare_image(png.getvalue(), model.config.vision.image_size)
+    image = prepare_image(png.getvalue())
     cold = ChatSession(model).answer(
         [Message(USER, "Describe it.", 1), Message(ASSISTANT, one.strip()), Message(USER, "And then?")],
         [(image_key(image), image)], GenerationConfig(max_new_tokens=8, temperature=0))

@@ -9,7 +9,7 @@ from PIL import Image
 from mmchat.serving.examples import EXAMPLES, example_path
 from mmchat.generate import GenerationConfig
 from mmchat.image import ImageError
-from mmchat.serving.sessions import Busy, SessionPool, prepare_image
+from mmchat.serving.sessions import MAX_SERVED_PIXELS, Busy, SessionPool, prepare_image
 
 GREEDY = GenerationConfig(max_new_tokens=12, temperature=0.0)
 CIRCLE, TWO_CIRCLES = str(example_path(EXAMPLES[0])), str(example_path(EXAMPLES[3]))
@@ -101,15 +101,18 @@ def test_an_interrupted_question_must_be_answered_or_undone(model):
         assert "".join(conversation.regenerate(GREEDY))
 
 
-def test_prepare_image_bounds_size_and_names_the_file(tmp_path):
+def test_prepare_image_keeps_every_pixel_bounds_size_and_names_the_file(tmp_path):
+    """No downscale (it would change the pixels the model sees, unlike transformers); too large is refused."""
     Image.new("RGB", (2000, 1000), "red").save(tmp_path / "wide.png")
-    assert prepare_image(str(tmp_path / "wide.png"), 336).size == (672, 336)
-    Image.new("RGB", (300, 200), "red").save(tmp_path / "small.png")
-    assert prepare_image(str(tmp_path / "small.png"), 336).size == (300, 200), "small images stay as they are"
+    assert prepare_image(str(tmp_path / "wide.png")).size == (2000, 1000)
+    assert MAX_SERVED_PIXELS < 5000 * 4000 <= 50_000_000  # above the page's limit, below what load_image opens
+    Image.new("RGB", (5000, 4000), "red").save(tmp_path / "huge.png")
+    with pytest.raises(ImageError, match="downscale it below 16 megapixels"):
+        prepare_image(str(tmp_path / "huge.png"))
     Image.new("RGB", (1, 1), "red").save(tmp_path / "dot.png")
     with pytest.raises(ImageError, match="1×1 pixels, too small"):
-        prepare_image(str(tmp_path / "dot.png"), 336)
+        prepare_image(str(tmp_path / "dot.png"))
     (tmp_path / "fake.png").write_text("not an image")
     with pytest.raises(ImageError) as error:
-        prepare_image(str(tmp_path / "fake.png"), 336)
+        prepare_image(str(tmp_path / "fake.png"))
     assert str(error.value).startswith("fake.png is not a readable image") and str(tmp_path) not in str(error.value)

@@ -107,7 +107,7 @@ def reference(model, turns: list[tuple[str, str | None]]) -> tuple[list[str], Ch
     session = ChatSession(model)
     answers = []
     for text, image in turns:
-        image = None if image is None else prepare_image(image, model.config.vision.image_size)
+        image = None if image is None else prepare_image(image)
         answers.append("".join(session.ask(text, image, GREEDY)).strip())
     return answers, session
 

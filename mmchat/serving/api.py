@@ -46,7 +46,6 @@ from mmchat.serving.api_requests import (
 )
 from mmchat.serving.config import DEFAULT_MAX_BATCH
 from mmchat.serving.prefix_cache import PrefixPool
-from mmchat.serving.sessions import kept_size
 
 
 # -- generation: a thread per request, decoding in the shared engine ------------------------
@@ -170,7 +169,7 @@ def create_app(model: MultimodalModel, model_id: str, *, api_key: str | None = N
                                     max_new_tokens=req.max_completion_tokens or req.max_tokens, seed=req.seed)
         except ValueError as e:
             raise ApiError(400, str(e), None, "invalid_value") from None
-        conv = await asyncio.to_thread(conversation, req, kept_size(model.config.vision), max_images, remote)
+        conv = await asyncio.to_thread(conversation, req, max_images, remote)
         stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
         job = _Job(conv, gen, stop, asyncio.Queue(), asyncio.get_running_loop(), threading.Event())
         worker.submit(job)

@@ -203,22 +203,26 @@ def _image_bytes(url: str, param: str, remote: RemoteImages) -> bytes:
     return bytes(data)
 
 
-def _text_of(content, param: str, images_allowed: bool) -> tuple[str, list[tuple[str, ImageURL]]]:
+def _text_of(content, param: str, images_allowed: bool) -> tuple[str, list[tuple[str, ImageURL]], list[dict] | None]:
+    """(text, image URLs with their params, the content parts in order or None for a string). The text is
+    kept as sent (a leading space of an answer included): the chat template renders what the client sent,
+    as transformers' processor and vLLM do, so the tokens of an answer the server generated match again."""
     if isinstance(content, str):
-        return content.strip(), []
+        return content, [], None
     texts = [p.text for p in content if isinstance(p, TextPart)]
     images = [(f"{param}.content.{i}.image_url", p.image_url) for i, p in enumerate(content) if isinstance(p, ImagePart)]
     if images and not images_allowed:
         raise ApiError(400, f"{param}: only user messages can carry images", param, "invalid_value")
-    return "\n".join(texts).strip(), images
+    parts = [{"type": "text", "text": p.text} if isinstance(p, TextPart) else {"type": "image"} for p in content]
+    return "\n".join(texts), images, parts
 
 
-def conversation(request: ChatRequest, image_size: int | None, max_images: int, remote: RemoteImages) -> Conversation:
+def conversation(request: ChatRequest, max_images: int, remote: RemoteImages) -> Conversation:
     """Validate the messages' order and decode their images (blocking: run it in a thread)."""
     msgs = list(request.messages)
     system = None
     if msgs[0].role in ("system", "developer"):
-        system, _ = _text_of(msgs.pop(0).content, "messages.0", images_allowed=False)
+        system, _, _ = _text_of(msgs.pop(0).content, "messages.0", images_allowed=False)
     offset = len(request.messages) - len(msgs)
     if not msgs or msgs[-1].role != USER:
         raise ApiError(400, "messages: the conversation must end with a user message", "messages", "invalid_value")
@@ -233,18 +237,18 @@ def conversation(request: ChatRequest, image_size: int | None, max_images: int, 
         if m.role != expected:
             raise ApiError(400, f"{param}: role {m.role!r} here; after an optional first system message, turns must "
                                 "alternate user, assistant, ... and end with a user message", param, "invalid_value")
-        text, urls = _text_of(m.content, param, images_allowed=m.role == USER)
-        if not text and not urls:
+        text, urls, parts = _text_of(m.content, param, images_allowed=m.role == USER)
+        if not text.strip() and not urls:
             raise ApiError(400, f"{param}: the message is empty", param, "invalid_value")
         keys = []
         for where, url in urls:
             try:
-                image = prepare_image(_image_bytes(url.url, where, remote), image_size)
+                image = prepare_image(_image_bytes(url.url, where, remote))
             except ImageError as e:
                 raise ApiError(400, f"{where}: {e}", where, "invalid_image") from None
             keys.append(image_key(image))
             out.images.append((keys[-1], image))
-        out.messages.append(Message(m.role, text, len(urls)))
+        out.messages.append(Message(m.role, text, len(urls), parts))
         out.keys.append(MessageKey(m.role, text, tuple(keys)))
     return out
 

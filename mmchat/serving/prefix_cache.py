@@ -71,7 +71,7 @@ class PrefixPool:
                 idle = [sid for sid in self._sessions if sid not in self._busy]  # least recently used first
                 if len(self._sessions) < self.max_sessions or not idle:
                     best = next(self._ids)
-                    self._sessions[best] = (ChatSession(self.model, engine=self.engine), system, [])
+                    self._sessions[best] = (ChatSession(self.model, engine=self.engine, strip_answers=False), system, [])
                 else:
                     best = idle[0]
             self._sessions.move_to_end(best)

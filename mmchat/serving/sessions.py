@@ -3,7 +3,7 @@
 At most `max_cached` conversations keep a KV cache (and image features); when another needs
 one, the least recently used drops its cache and is re-prefilled transparently when its user
 comes back. At most `max_conversations` are remembered at all, each with its text and its
-images downscaled to twice the model's input size. A lock per conversation lets one request
+images at full size (at most `MAX_SERVED_PIXELS` each). A lock per conversation lets one request
 at a time change it; a streaming answer holds the lock until it ends or is stopped.
 
 A turn has two sides, so that the model may run in another process (ZeroGPU runs each call of
@@ -27,7 +27,6 @@ from PIL import Image
 
 from mmchat.answer import TurnStats
 from mmchat.chat import ChatSession
-from mmchat.config import VisionConfig
 from mmchat.conversation import ASSISTANT, USER, Message
 from mmchat.generate import GenerationConfig
 from mmchat.image import ImageError, load_image
@@ -41,15 +40,16 @@ class Busy(RuntimeError):
     """The conversation is still busy with an earlier request."""
 
 
-def prepare_image(source, image_size: int | None) -> Image.Image:
-    """A user's image as RGB, longest side at most 2×`image_size`; `ImageError` if unusable.
+MAX_SERVED_PIXELS = 16_000_000
+"""The page and the API keep each image at full size (as transformers reads it; any downscale would change
+the pixels the model sees), so a larger one is refused with a message: a 12-megapixel phone photo and a
+4K frame fit, and a conversation's images stay bounded (16 MP is 48 MB as RGB)."""
 
-    The model sees `image_size` pixels after padding to a square, so twice that keeps what it
-    sees while a 12-megapixel photo costs ~1 MB of memory instead of ~36 MB. `image_size` None
-    keeps every pixel (`kept_size`: AnyRes reads big images as many tiles).
-    """
+
+def prepare_image(source, max_pixels: int = MAX_SERVED_PIXELS) -> Image.Image:
+    """A user's image as RGB at full size; `ImageError` if unusable or over `max_pixels`."""
     try:
-        image = load_image(source)
+        image = load_image(source, max_pixels)
     except ImageError as e:  # name the file as the user knows it, not by its upload path
         name = Path(source).name if isinstance(source, (str, Path)) else None
         raise ImageError(str(e).replace(str(source), name) if name else str(e)) from None
@@ -57,18 +57,7 @@ def prepare_image(source, image_size: int | None) -> Image.Image:
     if width * height < MIN_PIXELS:
         raise ImageError(f"the image is only {width}×{height} pixels, too small to show anything; "
                          "upload one of at least 8×8 pixels")
-    limit = None if image_size is None else 2 * image_size
-    if limit is not None and max(width, height) > limit:
-        scale = limit / max(width, height)
-        image = image.resize((max(1, round(width * scale)), max(1, round(height * scale))), Image.Resampling.BICUBIC)
     return image
-
-
-def kept_size(vision: VisionConfig) -> int | None:
-    """`prepare_image`'s `image_size` for a model: its tower's, or None for AnyRes, which tiles the
-    image from its full size as transformers does (a downscale first would change every tile and
-    the grid; `load_image`'s pixel limit still bounds the memory)."""
-    return None if vision.anyres is not None else vision.image_size
 
 
 @dataclass
@@ -82,7 +71,7 @@ class Turn:
 
 @dataclass
 class Question:
-    """A checked question, its image read and downscaled (`prepare_image`); picklable."""
+    """A checked question, its image read (`prepare_image`); picklable."""
 
     text: str
     image_file: str | None = None
@@ -154,7 +143,7 @@ class Conversation:
                              "press Regenerate to answer it, or Undo to remove it")
         if not text or not text.strip():
             raise ValueError("the message is empty; type a question")
-        image = None if image_file is None else prepare_image(image_file, kept_size(self.session.model.config.vision))
+        image = None if image_file is None else prepare_image(image_file)
         return Question(text.strip(), image_file, image)
 
     def check_regenerate(self) -> None:

@@ -79,13 +79,18 @@ def _turns(questions: list[str], image_path: str):
 
 
 def run_mmchat(job: dict) -> list[dict]:
+    from mmchat.model import LoadOptions, load_model
+
+    return mmchat_turns(load_model(job["checkpoint"], LoadOptions(job["precision"], job["device"])), job)
+
+
+def mmchat_turns(model, job: dict) -> list[dict]:
+    """`job`'s conversation through a `ChatSession` of `model`; each turn's numbers, its logits to job["logits"]."""
     import torch
 
     from mmchat.chat import ChatSession
     from mmchat.generate import GenerationConfig
-    from mmchat.model import LoadOptions, load_model
 
-    model = load_model(job["checkpoint"], LoadOptions(job["precision"], job["device"]))
     gen = GenerationConfig(max_new_tokens=job["new_tokens"], temperature=0.0)
     turns = _turns(job["questions"], job["image"])
     image_tokens = model.image_token_counts([turns[0][1]])[0]
@@ -119,15 +124,10 @@ def run_mmchat(job: dict) -> list[dict]:
 
 
 def run_reference(job: dict) -> list[dict]:
-    import torch
     from transformers import AutoTokenizer, LlavaForConditionalGeneration, LlavaNextForConditionalGeneration
 
-    from mmchat import anyres
-    from mmchat.conversation import Message, render
-    from mmchat.image import preprocess
-    from mmchat.model import LoadOptions, quantization_config
     from mmchat.checkpoint import read_config
-    from mmchat.templates import get_template
+    from mmchat.model import LoadOptions, quantization_config
 
     options = LoadOptions(job["precision"], job["device"])
     quant = quantization_config(options)
@@ -139,7 +139,19 @@ def run_reference(job: dict) -> list[dict]:
     llava_class = LlavaForConditionalGeneration if vision_cfg.anyres is None else LlavaNextForConditionalGeneration
     model = llava_class.from_pretrained(job["folder"], quantization_config=quant, dtype=options.compute_dtype,
                                         device_map={"": options.device}).eval()
-    tokenizer = AutoTokenizer.from_pretrained(job["folder"])
+    return reference_turns(model, AutoTokenizer.from_pretrained(job["folder"]), vision_cfg, options, job)
+
+
+def reference_turns(model, tokenizer, vision_cfg, options, job: dict) -> list[dict]:
+    """`job`'s conversation through llava-hf `model.generate`, re-prefilling every turn (`vision_cfg`:
+    mmchat's preprocessing of the same folder; `options`: device and compute dtype)."""
+    import torch
+
+    from mmchat import anyres
+    from mmchat.conversation import Message, render
+    from mmchat.image import preprocess
+    from mmchat.templates import get_template
+
     template, image_id = get_template("llava_v1"), model.config.image_token_index
     tiling = None if vision_cfg.anyres is None else anyres.settings_from_config(vision_cfg, model.config.vision_config.patch_size)
 

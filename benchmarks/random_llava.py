@@ -77,9 +77,18 @@ def train_tokenizer(out: Path, vocab: int, seed: int = 0):
 
 def build_llava_hf(out: Path, shape: LlavaShape, seed: int = 0) -> list[str]:
     """Save a random `LlavaForConditionalGeneration` + tokenizer to `out`; returns the word list."""
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+    from transformers import LlavaForConditionalGeneration
 
     tokenizer, lexicon = train_tokenizer(out, shape.vocab, seed)
+    torch.manual_seed(seed)
+    LlavaForConditionalGeneration(llava_config(shape, tokenizer)).save_pretrained(out)
+    return lexicon
+
+
+def llava_config(shape: LlavaShape, tokenizer):
+    """The `LlavaConfig` of `shape` (a LLaMA with the tokenizer's vocabulary, a CLIP tower; cheap: no weights)."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+
     text = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=shape.hidden, intermediate_size=shape.intermediate,
         num_hidden_layers=shape.layers, num_attention_heads=shape.heads, num_key_value_heads=shape.kv_heads,
@@ -90,12 +99,9 @@ def build_llava_hf(out: Path, shape: LlavaShape, seed: int = 0) -> list[str]:
         num_attention_heads=max(1, shape.vision_width // 64), image_size=shape.image_size, patch_size=shape.patch,
         hidden_act="quick_gelu", projection_dim=shape.vision_width,
     )
-    config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
-                         image_seq_length=(shape.image_size // shape.patch) ** 2, vision_feature_layer=-2,
-                         vision_feature_select_strategy="default")
-    torch.manual_seed(seed)
-    LlavaForConditionalGeneration(config).save_pretrained(out)
-    return lexicon
+    return LlavaConfig(vision_config=vision, text_config=text, image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+                       image_seq_length=(shape.image_size // shape.patch) ** 2, vision_feature_layer=-2,
+                       vision_feature_select_strategy="default")
 
 
 def build_mmchat(out: Path, shape: LlavaShape, tokenizer_dir: Path, seed: int = 0) -> Path:

@@ -24,18 +24,30 @@ class Stage2:
 def load_stage2(checkpoint: str, lora_r: int, device: str) -> Stage2:
     """`checkpoint` ready to train: LoRA r `lora_r` (alpha 2r) on every linear layer, gradient checkpointing
     on; on a GPU bf16 autocast and paged 8-bit AdamW (the shipped config), on a CPU float32 and AdamW."""
-    import torch
+    from finetune.build import build_model
 
-    from finetune.build import build_model, set_train_mode, trainable_parameters
-    from finetune.objective import AnswerLoss
-    from finetune.optim import make_optimizer, param_groups
+    cfg = stage2_config(checkpoint, lora_r, device)
+    return with_optimizer(build_model(cfg, device).model, cfg, device)
+
+
+def stage2_config(checkpoint: str, lora_r: int, device: str):
+    """The `TrainConfig` of `load_stage2`."""
     from finetune.train_config import TrainConfig
 
     on_gpu = device.startswith("cuda")
-    cfg = TrainConfig(model=checkpoint, data="unused.json", output_dir="unused", lora_r=lora_r, lora_alpha=2 * lora_r,
-                      optimizer="paged_adamw_8bit" if on_gpu else "adamw", cpu=not on_gpu,
-                      precision="bf16" if on_gpu else "fp32")
-    model = build_model(cfg, device).model
+    return TrainConfig(model=checkpoint, data="unused.json", output_dir="unused", lora_r=lora_r, lora_alpha=2 * lora_r,
+                       optimizer="paged_adamw_8bit" if on_gpu else "adamw", cpu=not on_gpu,
+                       precision="bf16" if on_gpu else "fp32")
+
+
+def with_optimizer(model, cfg, device: str) -> Stage2:
+    """A trainable `MultimodalModel` (as `finetune.build` leaves it) in train mode, with its loss and `cfg`'s optimizer."""
+    import torch
+
+    from finetune.build import set_train_mode, trainable_parameters
+    from finetune.objective import AnswerLoss
+    from finetune.optim import make_optimizer, param_groups
+
     set_train_mode(model)
     params = list(trainable_parameters(model).values())
     return Stage2(model, AnswerLoss(model), make_optimizer(param_groups(model, cfg), cfg, torch.device(device)), params,

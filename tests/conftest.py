@@ -22,6 +22,22 @@ def pytest_sessionfinish(session, exitstatus):
         session.exitstatus = 1
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `gpu` (tests/test_gpu.py) need CUDA: without it they are deselected, so they neither
+    run nor count as skipped; `-m gpu` then says why. MMCHAT_GPU_TESTS_ON_CPU=1 runs them on the CPU."""
+    import torch
+
+    gpu = [item for item in items if item.get_closest_marker("gpu")]
+    if not gpu or torch.cuda.is_available() or os.environ.get("MMCHAT_GPU_TESTS_ON_CPU"):
+        return
+    items[:] = [item for item in items if not item.get_closest_marker("gpu")]
+    config.hook.pytest_deselected(items=gpu)
+    if "gpu" in (config.option.markexpr or ""):
+        reporter = config.pluginmanager.get_plugin("terminalreporter")
+        reporter.write_line(f"no CUDA GPU is visible: {len(gpu)} gpu test(s) deselected "
+                            "(MMCHAT_GPU_TESTS_ON_CPU=1 runs them on the CPU)", yellow=True)
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("tokenizer")

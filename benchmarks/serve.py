@@ -162,14 +162,19 @@ def free_port() -> int:
 
 def start_server(key: str, cfg: ServeBenchConfig, folder: Path, work: Path, batching_flag: bool) -> Server:
     """Start the server and wait until GET /v1/models answers (the model is loaded by then)."""
+    port = free_port()
+    return launch(key, server_command(key, cfg, folder, port, batching_flag), port, work, cfg.threads)
+
+
+def launch(key: str, command: list[str], port: int, work: Path, threads: int, **extra_env: str) -> Server:
+    """Run `command` (a server listening on 127.0.0.1:`port`, its log in WORK/KEY.log) and wait until GET
+    /v1/models answers (the model is loaded by then)."""
     import json
 
-    port = free_port()
-    command = server_command(key, cfg, folder, port, batching_flag)
     env = {k: v for k, v in os.environ.items() if not k.startswith("MMCHAT_")}
-    env.update(OMP_NUM_THREADS=str(cfg.threads), MKL_NUM_THREADS=str(cfg.threads), HF_HUB_OFFLINE="1",
+    env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), HF_HUB_OFFLINE="1",
                PYTHONUNBUFFERED="1", GRADIO_ANALYTICS_ENABLED="False", MMCHAT_CACHE=str(work / "cache"),
-               NO_PROXY="127.0.0.1,localhost")
+               NO_PROXY="127.0.0.1,localhost", **extra_env)
     log = work / f"{key}.log"
     with open(log, "w") as f:
         process = subprocess.Popen(command, env=env, stdout=f, stderr=subprocess.STDOUT,

@@ -109,9 +109,10 @@ def compare_turn(mine: list[int], mine_logits: torch.Tensor, theirs: list[int], 
     return out
 
 
-def vllm_steps(choice, eos_id: int) -> tuple[list[int], list[dict[int, float]]]:
+def vllm_steps(choice, eos_ids: list[int]) -> tuple[list[int], list[dict[int, float]]]:
     """vLLM's picked ids and top log-probabilities per step (tokens come as `token_id:N`); an answer ended by
-    the model (finish `stop`) ends with the end-of-sequence id, as mmchat's picks do."""
+    the model (finish `stop`) ends with an end-of-sequence id (`eos_ids[0]` if vLLM left it out), as mmchat's
+    picks do."""
     def token(text: str) -> int:
         return int(text.removeprefix("token_id:"))
 
@@ -119,9 +120,9 @@ def vllm_steps(choice, eos_id: int) -> tuple[list[int], list[dict[int, float]]]:
     for step in choice.logprobs.content:
         ids.append(token(step.token))
         tops.append({token(t.token): t.logprob for t in step.top_logprobs} | {ids[-1]: step.logprob})
-    if choice.finish_reason == "stop" and (not ids or ids[-1] != eos_id):
-        ids.append(eos_id)
-        tops.append({eos_id: 0.0})  # not reported: only the pick itself is known
+    if choice.finish_reason == "stop" and (not ids or ids[-1] not in eos_ids):
+        ids.append(eos_ids[0])
+        tops.append({eos_ids[0]: 0.0})  # not reported: only the pick itself is known
     return ids, tops
 
 
@@ -206,7 +207,7 @@ def mmchat_api(checkpoint: Path, conv, history: list[str], cfg: VllmExportConfig
         stop_server(server)
 
 
-def vllm_turns(export: Path, conv, history: list[str], eos_id: int, cfg: VllmExportConfig, work: Path,
+def vllm_turns(export: Path, conv, history: list[str], eos_ids: list[int], cfg: VllmExportConfig, work: Path,
                flags: list[str]) -> list[dict]:
     """`vllm serve EXPORT --dtype float32 FLAGS` on 127.0.0.1, the conversation with `history` as the answers."""
     from benchmarks.serve import free_port, launch, stop_server
@@ -227,7 +228,7 @@ def vllm_turns(export: Path, conv, history: list[str], eos_id: int, cfg: VllmExp
                 max_tokens=cfg.new_tokens, logprobs=True, top_logprobs=cfg.top_logprobs,
                 extra_body={"return_tokens_as_token_ids": True})
             choice = response.choices[0]
-            ids, tops = vllm_steps(choice, eos_id)
+            ids, tops = vllm_steps(choice, eos_ids)
             records.append({"turn": turn, "answer": choice.message.content, "finish_reason": choice.finish_reason,
                             "prompt_tokens": response.usage.prompt_tokens, "chosen": ids, "top": tops})
         return records
@@ -257,7 +258,7 @@ def run(cfg: VllmExportConfig) -> dict:
             engine, logits, api = mmchat[name]
             print(f"[vllm_export] {row}: vLLM", flush=True)
             eos = json.loads((export / "generation_config.json").read_text())["eos_token_id"]
-            served = vllm_turns(export, conv, [t["answer"] for t in engine], eos[0] if isinstance(eos, list) else eos,
+            served = vllm_turns(export, conv, [t["answer"] for t in engine], eos if isinstance(eos, list) else [eos],
                                 cfg, work, flags)
             turns = []
             for mine, step_logits, ours, theirs in zip(engine, logits, api, served):

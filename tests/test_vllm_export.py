@@ -74,7 +74,10 @@ def test_vllm_steps_read_token_ids_and_end_with_eos():
 
     content = [step(7, {7: -0.1, 8: -2.5}), step(9, {9: -0.2, 7: -1.9})]
     choice = SimpleNamespace(finish_reason="stop", logprobs=SimpleNamespace(content=content))
-    ids, top = vllm_steps(choice, eos_id=2)
-    assert ids == [7, 9, 2] and top[0] == {7: -0.1, 8: -2.5} and top[2] == {2: 0.0}
+    ids, top = vllm_steps(choice, eos_ids=[2, 9])
+    assert ids == [7, 9]  # ended by a stop id of its own
+    content.append(step(4, {4: -0.3}))
+    ids, top = vllm_steps(choice, eos_ids=[2, 9])
+    assert ids == [7, 9, 4, 2] and top[0] == {7: -0.1, 8: -2.5} and top[3] == {2: 0.0}
     choice.finish_reason = "length"
-    assert vllm_steps(choice, eos_id=2)[0] == [7, 9]
+    assert vllm_steps(choice, eos_ids=[2])[0] == [7, 9, 4]

@@ -169,6 +169,8 @@ def save_checkpoint(
         if processor is not None:
             processor.tokenizer = tokenizer  # the model's own (training may have added tokens)
             processor.save_pretrained(tmp / PROCESSOR_DIR)
+            if llm is not None:  # llm/ stays a whole transformers LLM folder (`--llm CKPT/llm` trains from it)
+                tokenizer.save_pretrained(tmp / config.llm)
         else:
             tokenizer.save_pretrained(tmp / config.tokenizer)
         if adapter_model is not None:

@@ -189,7 +189,10 @@ class Engine:
                 next(request.prefill)
             except StopIteration as done:
                 self._prefilling.popleft()
-                self._first_token(request, done.value)
+                try:
+                    self._first_token(request, done.value)
+                except Exception as e:  # its first token failed (sampling, say): it alone fails
+                    self._fail(request, e)
             except Exception as e:  # this conversation's input failed (an image, say); the others go on
                 self._prefilling.popleft()
                 self._fail(request, e)
@@ -244,20 +247,26 @@ class Engine:
             self._cache = out.cache
         self.stats.steps += 1
         self.stats.tokens += len(running)
-        done = []
+        done, failed = [], {}
         for i, request in enumerate(running):
             request.fed.append(request.answer.token)
             request.answer.stats.decode_model_seconds += seconds
-            delta = request.answer.push(logits[i])
+            try:
+                delta = request.answer.push(logits[i])
+            except Exception as e:  # this answer's choice failed (sampling, detokenising): it alone fails
+                failed[i] = e
+                continue
             if delta:
                 self._emit(request, "delta", delta)
             if request.answer.done:
                 done.append(i)
-        if done:
-            self._leave(done)
+        if done or failed:
+            self._leave(done + list(failed), failed)
 
-    def _leave(self, rows: list[int]) -> None:
-        """Answers `rows` end: each takes its row back as its session's cache."""
+    def _leave(self, rows: list[int], failed: dict[int, Exception] | None = None) -> None:
+        """Answers `rows` end: each takes its row back as its session's cache; those in `failed` fail
+        with their error instead (their row is dropped: the session re-prefills next turn)."""
+        failed = failed or {}
         for i in sorted(rows, reverse=True):  # from the end: the last row moves into each gap
             request = self._running[i]
             if self.batchable:
@@ -267,7 +276,10 @@ class Engine:
             else:
                 cache, self._cache = self._cache, None
                 self._running.pop(i)
-            request.session.return_cache(cache, request.fed)
-            self._end(request)
+            if i in failed:
+                self._fail(request, failed[i])
+            else:
+                request.session.return_cache(cache, request.fed)
+                self._end(request)
         if not self._running:
             self._cache = None

@@ -19,8 +19,8 @@ class GenerationConfig:
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens={self.max_new_tokens}: must be at least 1 (--max-new-tokens)")
-        if self.temperature < 0:
-            raise ValueError(f"temperature={self.temperature}: must be >= 0 (--temperature; 0 is greedy)")
+        if not self.temperature >= 0 or self.temperature == float("inf"):  # also NaN
+            raise ValueError(f"temperature={self.temperature}: must be a finite number >= 0 (--temperature; 0 is greedy)")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p={self.top_p}: must be in (0, 1] (--top-p)")
         if self.repetition_penalty <= 0:
@@ -63,8 +63,13 @@ def next_token(
     probs = torch.softmax(logits / cfg.temperature, dim=-1)
     if cfg.top_p < 1.0:
         sorted_probs, order = torch.sort(probs, descending=True)
-        # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
+        # Keep the smallest prefix whose mass reaches top_p. The first token always stays: a top_p
+        # below float32's smallest number (1e-300) is 0 here, and would otherwise drop every token.
         drop = torch.cumsum(sorted_probs, dim=-1) - sorted_probs >= cfg.top_p
+        drop[0] = False
         sorted_probs[drop] = 0.0
         probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
-    return int(torch.multinomial(probs / probs.sum(), 1, generator=generator))
+    total = probs.sum()
+    if not torch.isfinite(total) or total <= 0:  # logits that overflowed: the most likely token is the only sane pick
+        return int(torch.argmax(torch.nan_to_num(logits, nan=-float("inf"))))
+    return int(torch.multinomial(probs / total, 1, generator=generator))

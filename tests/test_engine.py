@@ -238,3 +238,74 @@ def test_a_long_answer_in_the_batch_keeps_the_cache_as_a_session_alone_does(mode
     alone, batched = runs
     assert alone[1].new_tokens > 256 and batched[1].answer_ids == alone[1].answer_ids
     assert [s.prefill_tokens for s in batched] == [s.prefill_tokens for s in alone]
+
+
+class Poisoned(Exception):
+    """What a broken answer raises in the engine's thread."""
+
+
+@pytest.mark.parametrize("at", [0, 3])  # its first token (chosen after the prefill) or mid-decode
+def test_a_failure_inside_one_answer_fails_only_that_answer(model, monkeypatch, at):
+    """One conversation's token choice raises inside the engine while others decode: that request gets the
+    error, its neighbours finish with their solo answers, and the engine goes on serving."""
+    alone = [talk(ChatSession(model), i) for i in range(3)]
+    push = Answer.push
+
+    def poisoned(self, logits):
+        if poisoned.on and self.stats is victim.last_stats and len(self.generated) >= at:
+            raise Poisoned("sampling failed")
+        return push(self, logits)
+
+    poisoned.on = True
+    monkeypatch.setattr(Answer, "push", poisoned)
+    engine = Engine(model, max_batch=4)
+    try:
+        victim = ChatSession(model, engine=engine)
+        errors, results = [], {}
+
+        def other(i):
+            results[i] = talk(ChatSession(model, engine=engine), i)
+
+        threads = [threading.Thread(target=other, args=(i,)) for i in range(3)]
+        for t in threads:
+            t.start()
+        with pytest.raises(Poisoned):
+            "".join(victim.ask("Poisoned question, please?", None, GenerationConfig(max_new_tokens=16, temperature=0)))
+        for t in threads:
+            t.join(timeout=120)
+        assert not errors and len(results) == 3 and engine.stats.largest_batch > 1
+        for i in range(3):
+            for a, b in zip(alone[i], results[i]):
+                assert agree(a, b, 1e-4), (i, a.answer_ids, b.answer_ids)
+        poisoned.on = False
+        assert victim.messages[-1].role == "user", "the failed question stays, unanswered, for a retry"
+        assert "".join(victim.respond(GREEDY)), "the engine still serves, the same session too"
+    finally:
+        engine.close()
+
+
+@pytest.mark.parametrize("temperature,top_p", [(1.0, 1e-300), (1e-4, 1.0), (1e4, 0.5), (1.0, 5e-324), (2.0, 1.0)])
+def test_extreme_but_valid_sampling_values_answer(model, temperature, top_p):
+    """top_p below float32's smallest number is 0 there: the most likely token alone stays (it used to
+    drop every token and raise); tiny and huge temperatures answer too, in a batch with a greedy neighbour."""
+    engine = Engine(model, max_batch=2)
+    try:
+        gen = GenerationConfig(max_new_tokens=8, temperature=temperature, top_p=top_p, seed=1)
+        other = threading.Thread(target=lambda: talk(ChatSession(model, engine=engine), 1))
+        other.start()
+        session = ChatSession(model, engine=engine)
+        assert "".join(session.ask("What is in this picture?", photo(), gen)) is not None
+        assert session.last_stats.new_tokens >= 1
+        other.join(timeout=120)
+        if top_p < 1e-30:  # only the top token survives: greedy
+            greedy = ChatSession(model)
+            "".join(greedy.ask("What is in this picture?", photo(), GenerationConfig(max_new_tokens=8, temperature=0)))
+            assert session.last_stats.answer_ids == greedy.last_stats.answer_ids
+    finally:
+        engine.close()
+
+
+@pytest.mark.parametrize("temperature", [float("nan"), float("inf"), -1.0])
+def test_unusable_temperatures_are_refused_in_one_line(temperature):
+    with pytest.raises(ValueError, match="temperature=.*must be a finite number >= 0"):
+        GenerationConfig(temperature=temperature)

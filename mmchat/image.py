@@ -87,13 +87,18 @@ def image_size(path: str | Path) -> tuple[int, int]:
 def _to_rgb(image: Image.Image) -> Image.Image:
     image = ImageOps.exif_transpose(image)
     if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        # 16/32-bit grayscale: scale to 8 bits by the range the mode can hold, not a plain cast.
-        array = np.asarray(image, dtype=np.float64)
-        peak = 65535.0 if image.mode.startswith("I;16") or array.max() > 255 else 255.0
-        if image.mode == "F" and array.max() <= 1.0:
+        # 16/32-bit grayscale: scale to 8 bits by the range the mode can hold, not a plain cast. Row
+        # blocks bound the float64 work to a few MB (a whole 7000×7000 image took 1.3 GB).
+        array = np.asarray(image)
+        top = float(array.max()) if array.size else 0.0
+        peak = 65535.0 if image.mode.startswith("I;16") or top > 255 else 255.0
+        if image.mode == "F" and top <= 1.0:
             peak = 1.0
-        array = np.clip(array / peak * 255.0 + 0.5, 0, 255).astype(np.uint8)
-        image = Image.fromarray(array, mode="L")
+        out = np.empty(array.shape, dtype=np.uint8)
+        for start in range(0, array.shape[0], 256):
+            block = array[start:start + 256].astype(np.float64)
+            out[start:start + 256] = np.clip(block / peak * 255.0 + 0.5, 0, 255)
+        image = Image.fromarray(out, mode="L")
     if image.mode == "P":
         image = image.convert("RGBA" if "transparency" in image.info else "RGB")
     if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):

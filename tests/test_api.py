@@ -229,6 +229,42 @@ def test_bad_input_gets_its_4xx_and_the_server_keeps_serving(client, name):
     assert ask(client, [user("Still there?")], max_tokens=2).choices[0].message.content is not None
 
 
+def _raw(fields: str) -> bytes:
+    return ('{"model": "tiny", "max_tokens": 2, "messages": [{"role": "user", "content": "Hi"}]' + fields + "}").encode()
+
+
+HOSTILE = {  # raw bodies a JSON library would not even produce; each once got a 500 or 503
+    "not UTF-8": (b'{"model": "tiny", "messages": [{"role": "user", "content": "\xff\xfe caf\xe9"}]}', "invalid_json"),
+    "nested 100k deep": (b"[" * 100_000 + b"]" * 100_000, "invalid_json"),
+    "a 5000-digit integer": (_raw(', "seed": ' + "9" * 5000), "invalid_json"),
+    "seed 2^64": (_raw(f', "seed": {2**64}'), "invalid_value"),
+    "a lone surrogate": (b'{"model": "tiny", "messages": [{"role": "user", "content": "Hi \\ud800"}]}', "invalid_value"),
+    "a lone surrogate in a part": (b'{"model": "tiny", "messages": [{"role": "user", "content": [{"type": "text", '
+                                   b'"text": "\\udfff"}]}]}', "invalid_value"),
+    "a lone surrogate in stop": (_raw(', "stop": ["\\ud800"]'), "invalid_value"),
+    "too many messages": (json.dumps({"model": "tiny", "messages": [{"role": "user", "content": "Hi"},
+                                                                     {"role": "assistant", "content": "Hello"}] * 2049
+                                      + [{"role": "user", "content": "Hi"}]}).encode(), "invalid_value"),
+}
+
+
+@pytest.mark.parametrize("name", list(HOSTILE))
+def test_hostile_bodies_get_a_400_and_the_server_keeps_serving(server, client, name):
+    body, code = HOSTILE[name]
+    r = httpx.post(server.url + "/v1/chat/completions", content=body, timeout=60,
+                   headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["code"] == code and set(error) == {"message", "type", "param", "code"} and "\n" not in error["message"]
+    assert ask(client, [user("Still there?")], max_tokens=2).choices[0].message.content is not None
+
+
+@pytest.mark.parametrize("temperature,top_p", [(1.0, 1e-300), (2.0, 1.0), (1e-4, 1e-9)])
+def test_extreme_but_valid_sampling_values_answer(client, temperature, top_p):
+    reply = ask(client, [user("Hi")], max_tokens=4, temperature=temperature, top_p=top_p, seed=2**64 - 1)
+    assert reply.usage.completion_tokens >= 1 and reply.choices[0].finish_reason in ("stop", "length")
+
+
 def test_invalid_json_and_unknown_routes_get_openai_errors(server):
     headers = {"Authorization": f"Bearer {KEY}"}
     r = httpx.post(server.url + "/v1/chat/completions", content=b"{not json", headers=headers)
@@ -388,6 +424,7 @@ def test_a_full_queue_gets_429_and_the_server_recovers(chat_client):
             assert time.monotonic() - started < 5
             body = caught.value.body
             assert body["code"] == "server_busy" and body["type"] == "rate_limit_error" and "\n" not in body["message"]
+            assert caught.value.response.headers["retry-after"] == "1"
     finally:
         stream.close()
     deadline = time.monotonic() + 20  # the abandoned answer stops at its next token
@@ -409,6 +446,23 @@ def test_a_client_that_hangs_up_mid_stream_frees_its_place_in_the_batch(chat_cli
     with pytest.raises(openai.RateLimitError):
         ask(chat_client, [user("Me too.")], max_tokens=2)
     stream.close()
+    hung_up = time.monotonic()
+    while True:
+        try:
+            answer = ask(chat_client, [user("Quick one.")], max_tokens=4)
+            break
+        except openai.RateLimitError:
+            assert time.monotonic() - hung_up < 5, "the abandoned answer still holds its place in the batch"
+            time.sleep(0.05)
+    assert answer.usage.completion_tokens == 4
+
+
+def test_a_client_that_hangs_up_before_a_whole_answer_frees_its_place_in_the_batch(chat_client):
+    """The same for a non-streamed request: its client gives up (a time-out) while the long answer is made;
+    the server notices within a second and stops computing it, instead of finishing ~16k tokens."""
+    impatient = chat_client.with_options(timeout=2.0)
+    with pytest.raises(openai.APITimeoutError):
+        ask(impatient, [user("Tell me everything, at once.")], max_tokens=LONG_CONTEXT - 200)
     hung_up = time.monotonic()
     while True:
         try:

@@ -40,12 +40,21 @@ from mmchat.serving.api_requests import (
     ChatRequest,
     Conversation,
     RemoteImages,
+    check_text,
     error_body,
     validation_error,
     conversation,
 )
 from mmchat.serving.config import DEFAULT_MAX_BATCH
 from mmchat.serving.prefix_cache import PrefixPool
+
+
+RETRY_AFTER_S = 1
+"""A 429's `Retry-After`: answers take about a second each to make room on a small machine."""
+BODY_TIMEOUT_S = 30
+"""A request body must arrive within this many seconds (408 after)."""
+DISCONNECT_POLL_S = 0.5
+"""How often a non-streamed request looks whether its client is still there while it waits."""
 
 
 # -- generation: a thread per request, decoding in the shared engine ------------------------
@@ -75,7 +84,8 @@ class Worker:
         with self._guard:
             if self._pending >= self.engine.max_batch + self.max_queue:
                 raise ApiError(429, f"the server is busy ({self._pending} requests in progress or waiting); "
-                               "retry shortly", None, "server_busy", kind="rate_limit_error")
+                               "retry shortly", None, "server_busy", kind="rate_limit_error",
+                               headers={"Retry-After": str(RETRY_AFTER_S)})
             self._pending += 1
         self._executor.submit(self._run, job)
 
@@ -139,14 +149,8 @@ def create_app(model: MultimodalModel, model_id: str, *, api_key: str | None = N
         return ApiError(e.status_code, f"{request.method} {request.url.path}: {e.detail}", None,
                         "not_found" if e.status_code == 404 else None).response()
 
-    @app.middleware("http")
-    async def _authorise(request: Request, call_next):
-        if api_key is not None:
-            given = request.headers.get("authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
-                return ApiError(401, "missing or wrong API key; send it as 'Authorization: Bearer KEY'",
-                                None, "invalid_api_key").response()
-        return await call_next(request)
+    if api_key is not None:
+        app.add_middleware(_KeyCheck, key=api_key)
 
     @app.get("/v1/models")
     async def models():
@@ -155,12 +159,7 @@ def create_app(model: MultimodalModel, model_id: str, *, api_key: str | None = N
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         body = await _read_body(request, max_body_bytes)
-        try:
-            req = ChatRequest.model_validate(json.loads(body))
-        except json.JSONDecodeError as e:
-            raise ApiError(400, f"the body is not valid JSON ({e.msg} at character {e.pos})", None, "invalid_json") from None
-        except ValidationError as e:
-            raise validation_error(e) from None
+        req = _parse(body)
         if req.model != model_id:
             raise ApiError(404, f"model {req.model!r} is not served here; GET /v1/models lists {model_id!r}",
                            "model", "model_not_found")
@@ -170,7 +169,7 @@ def create_app(model: MultimodalModel, model_id: str, *, api_key: str | None = N
         except ValueError as e:
             raise ApiError(400, str(e), None, "invalid_value") from None
         conv = await asyncio.to_thread(conversation, req, max_images, remote)
-        stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
+        stop = tuple(check_text(s, f"stop.{i}") for i, s in enumerate((req.stop,) if isinstance(req.stop, str) else req.stop or ()))
         job = _Job(conv, gen, stop, asyncio.Queue(), asyncio.get_running_loop(), threading.Event())
         worker.submit(job)
         try:
@@ -184,9 +183,26 @@ def create_app(model: MultimodalModel, model_id: str, *, api_key: str | None = N
         if req.stream:
             return StreamingResponse(reply.stream(job), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
-        return JSONResponse(await reply.whole(job))
+        return JSONResponse(await reply.whole(job, request))
 
     return app
+
+
+class _KeyCheck:
+    """Requires `Authorization: Bearer KEY`. A plain ASGI middleware: FastAPI's `@app.middleware` wraps the
+    request's receive channel, and the handlers would no longer see a client hang up."""
+
+    def __init__(self, app, key: str):
+        self.app, self.expected = app, f"Bearer {key}".encode()
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http":
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            if not hmac.compare_digest(given, self.expected):
+                refused = ApiError(401, "missing or wrong API key; send it as 'Authorization: Bearer KEY'", None,
+                                   "invalid_api_key")
+                return await refused.response()(scope, receive, send)
+        await self.app(scope, receive, send)
 
 
 async def _read_body(request: Request, limit: int) -> bytes:
@@ -196,12 +212,33 @@ async def _read_body(request: Request, limit: int) -> bytes:
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise too_large
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise too_large
-        chunks.append(chunk)
+    try:
+        async with asyncio.timeout(BODY_TIMEOUT_S):  # a client trickling its body holds a connection, no more
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise too_large
+                chunks.append(chunk)
+    except TimeoutError:
+        raise ApiError(408, f"the request body did not arrive within {BODY_TIMEOUT_S} s; send it at once",
+                       None, "body_timeout") from None
     return b"".join(chunks)
+
+
+def _parse(body: bytes) -> ChatRequest:
+    """The body as a request, or a 400 that says what is wrong with it."""
+    try:
+        return ChatRequest.model_validate(json.loads(body))
+    except json.JSONDecodeError as e:
+        raise ApiError(400, f"the body is not valid JSON ({e.msg} at character {e.pos})", None, "invalid_json") from None
+    except UnicodeDecodeError:
+        raise ApiError(400, "the body is not UTF-8 text; send JSON encoded as UTF-8", None, "invalid_json") from None
+    except RecursionError:
+        raise ApiError(400, "the body's JSON is nested too deeply; send a chat request", None, "invalid_json") from None
+    except ValidationError as e:
+        raise validation_error(e) from None
+    except ValueError as e:  # e.g. an integer of more digits than Python converts
+        raise ApiError(400, f"the body is not usable JSON ({e})", None, "invalid_json") from None
 
 
 class _Reply:
@@ -222,11 +259,20 @@ class _Reply:
                 "total_tokens": stats.prompt_tokens + stats.new_tokens,
                 "prompt_tokens_details": {"cached_tokens": stats.prompt_tokens - stats.prefill_tokens}}
 
-    async def whole(self, job: _Job) -> dict:
-        parts, done = [], False
+    async def whole(self, job: _Job, request: Request) -> dict:
+        parts, done, looked = [], False, time.monotonic()
         try:
             while True:
-                kind, value = await job.events.get()
+                try:
+                    kind, value = await asyncio.wait_for(job.events.get(), DISCONNECT_POLL_S)
+                except TimeoutError:
+                    kind = None
+                if time.monotonic() - looked >= DISCONNECT_POLL_S:  # has the client hung up? then stop its answer
+                    looked = time.monotonic()
+                    if await request.is_disconnected():
+                        return {}
+                if kind is None:
+                    continue
                 if kind == "delta":
                     parts.append(value)
                 elif kind == "error":

@@ -26,12 +26,14 @@ class ApiError(Exception):
     """An error answered in OpenAI's JSON shape."""
 
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 kind: str = "invalid_request_error"):
+                 kind: str = "invalid_request_error", headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
+        self.headers = headers
+        """Extra response headers (a 429's `Retry-After`)."""
 
     def response(self) -> JSONResponse:
-        return JSONResponse({"error": error_body(self)}, status_code=self.status)
+        return JSONResponse({"error": error_body(self)}, status_code=self.status, headers=self.headers)
 
 
 def validation_error(e: ValidationError) -> ApiError:
@@ -84,9 +86,16 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+MAX_MESSAGES = 4096
+"""Messages in one request at most: rendering checks each answer against the turns before it, so a
+conversation's cost grows with the square of its length; a context holds far fewer anyway."""
+SEEDS = (-(2**63), 2**64 - 1)
+"""The seeds torch's generators take."""
+
+
 class ChatRequest(_Strict):
     model: str
-    messages: list[ChatMessage] = Field(min_length=1)
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
     max_tokens: int | None = Field(None, ge=1)
@@ -102,6 +111,13 @@ class ChatRequest(_Strict):
     response_format: dict | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
+
+    @field_validator("seed")
+    @classmethod
+    def _seed_range(cls, v):
+        if v is not None and not SEEDS[0] <= v <= SEEDS[1]:
+            raise ValueError(f"must be a 64-bit integer, from {SEEDS[0]} to {SEEDS[1]}")
+        return v
 
     @field_validator("n")
     @classmethod
@@ -203,13 +219,23 @@ def _image_bytes(url: str, param: str, remote: RemoteImages) -> bytes:
     return bytes(data)
 
 
+def check_text(text: str, param: str) -> str:
+    """A string a tokenizer can take: JSON can carry lone surrogates (`"\\ud800"`), which are no UTF-8."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ApiError(400, f"{param}: the text holds {text[e.start:e.end]!r}, half of a UTF-16 surrogate pair, "
+                            "which is no character; send valid Unicode", param, "invalid_value") from None
+    return text
+
+
 def _text_of(content, param: str, images_allowed: bool) -> tuple[str, list[tuple[str, ImageURL]], list[dict] | None]:
     """(text, image URLs with their params, the content parts in order or None for a string). The text is
     kept as sent (a leading space of an answer included): the chat template renders what the client sent,
     as transformers' processor and vLLM do, so the tokens of an answer the server generated match again."""
     if isinstance(content, str):
-        return content, [], None
-    texts = [p.text for p in content if isinstance(p, TextPart)]
+        return check_text(content, f"{param}.content"), [], None
+    texts = [check_text(p.text, f"{param}.content.{i}.text") for i, p in enumerate(content) if isinstance(p, TextPart)]
     images = [(f"{param}.content.{i}.image_url", p.image_url) for i, p in enumerate(content) if isinstance(p, ImagePart)]
     if images and not images_allowed:
         raise ApiError(400, f"{param}: only user messages can carry images", param, "invalid_value")

@@ -22,7 +22,7 @@ from mmchat.convert.cli import main
 from mmchat.convert.from_llava import image_settings
 from mmchat.image import load_image, preprocess
 from mmchat.model import LoadOptions, load_model
-from tiny_models import llava_hf_variant
+from tiny_models import llava_hf_variant, sample_photo
 
 QUESTION = "what colour is the circle?"
 PREPROCESSING = ("image_size", "pad_to_square", "resize", "shortest_edge", "resample", "rescale", "rescale_factor",
@@ -56,7 +56,8 @@ def photo() -> Image.Image:
 
 def images() -> dict[str, Image.Image]:
     tall = photo()
-    return {"tall": tall, "wide": tall.crop((0, 150, 512, 390))}  # 512 × 240
+    return {"tall": tall, "wide": tall.crop((0, 150, 512, 390)),  # 512 × 240
+            "cheetah": load_image(sample_photo("cheetah"))}  # gradio's, 502 × 343
 
 
 def reference_pixels(folder, image: Image.Image) -> torch.Tensor:

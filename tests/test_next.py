@@ -168,6 +168,20 @@ def test_conversion_keeps_the_tiling_and_the_newline(checkpoint, reference, mode
     assert torch.equal(model.projector.image_newline, llava.model.image_newline.float())
 
 
+@pytest.mark.parametrize("name", ["grace_hopper", "cheetah", "tower"])
+def test_tiles_equal_the_default_processor_to_the_bit(model, reference, name):
+    """A lone image's tiles, from the checkpoint's processor and from mmchat.anyres (for AnyRes checkpoints
+    mmchat trains), equal `AutoProcessor`'s default (torchvision) backend on real photos."""
+    from mmchat.anyres import preprocess_anyres
+    from tiny_models import sample_photo
+
+    _, processor = reference
+    picture = sample_photo(name)
+    theirs = processor.image_processor([picture], return_tensors="pt")["pixel_values"][0]
+    assert model.processor is not None and torch.equal(model.pixels([picture], "tiles"), theirs)
+    assert torch.equal(preprocess_anyres(picture, model.anyres)[0], theirs)
+
+
 def test_checkpoints_without_anyres_load_unchanged(checkpoint):
     from mmchat.config import ModelConfig
 

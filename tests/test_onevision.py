@@ -194,6 +194,22 @@ def test_several_images_are_padded_squares_to_the_bit(model, reference):
     assert theirs["batch_num_images"].tolist() == [3]
     for i, picture in enumerate(pictures):
         assert torch.equal(preprocess_square(picture, model.anyres)[0], theirs["pixel_values"][i][0])
+    assert model.processor is not None  # the converted checkpoint's pixels come from the folder's own processor
+    assert torch.equal(model.pixels(pictures, "square"), theirs["pixel_values"][:, 0])
+
+
+@pytest.mark.parametrize("name", ["grace_hopper", "cheetah", "tower"])
+def test_tiles_equal_the_default_processor_to_the_bit(model, reference, name):
+    """A lone image's tiles, from the checkpoint's processor and from mmchat.anyres (for AnyRes checkpoints
+    mmchat trains), equal `AutoProcessor`'s default (torchvision) backend on real photos."""
+    from mmchat.anyres import preprocess_anyres
+    from tiny_models import sample_photo
+
+    _, processor = reference
+    picture = sample_photo(name)
+    theirs = processor.image_processor([picture], return_tensors="pt")["pixel_values"][0]
+    assert torch.equal(model.pixels([picture], "tiles"), theirs)
+    assert torch.equal(preprocess_anyres(picture, model.anyres)[0], theirs)
 
 
 def test_the_status_line_says_when_images_are_tiled(model, checkpoint):

@@ -268,6 +268,21 @@ def llava_hf_variant(folder: Path, out: Path, image_processor_config: dict | Non
     return out
 
 
+def sample_photo(name: str = "grace_hopper"):
+    """A real photo shipped inside an installed package: matplotlib's grace_hopper (512×600) or one of
+    gradio's (cheetah 502×343, lion, tower 377×600): all larger than any test tower."""
+    from matplotlib import cbook
+    from PIL import Image
+
+    if name == "grace_hopper":
+        with cbook.get_sample_data("grace_hopper.jpg") as f:
+            return Image.open(f).convert("RGB")
+    import gradio
+
+    with Image.open(Path(gradio.__file__).parent / "media_assets" / "images" / f"{name}.jpg") as image:
+        return image.convert("RGB")
+
+
 # -- the llava-hf zoo: one tiny folder per LLM family, written like the hub's -------------------
 
 def build_chat_tokenizer(specials: list[str], bos: str | None, eos: str, byte_level: bool, adds_bos: bool,

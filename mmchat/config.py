@@ -18,6 +18,8 @@ PROJECTOR_ACTS = ("gelu", "gelu_pytorch_tanh", "gelu_new", "gelu_fast", "quick_g
 # vision model, kept for converted towers open_clip cannot reproduce exactly (see mmchat.vision).
 VISION_LIBRARIES = ("open_clip", "transformers")
 LOAD_IN = ("4bit", "8bit", "16bit", "32bit")
+IMAGE_BACKENDS = (None, "torchvision", "pil")
+"""transformers' image processor backends (None: its default)."""
 
 
 @dataclass
@@ -188,6 +190,9 @@ class ModelConfig:
     processor as `AutoProcessor.from_pretrained` loads it (the torchvision backend where torchvision is
     installed), exactly as transformers does on the source folder. None (checkpoints mmchat trained on
     open_clip towers, original LLaVA): `mmchat.image.preprocess` from this config's vision fields."""
+    image_backend: str | None = None
+    """The backend `processor`'s image processor is loaded with: `torchvision` or `pil` (`python -m
+    mmchat.convert --image-backend`); None: transformers' default (torchvision where it is installed)."""
     adapter: str | None = None
     """A PEFT LoRA adapter folder inside the checkpoint, applied on top of `llm`."""
     template: str = "llava_v1"
@@ -205,6 +210,8 @@ class ModelConfig:
     max_new_tokens: int | None = None
 
     def __post_init__(self) -> None:
+        if self.image_backend not in IMAGE_BACKENDS:
+            raise ValueError(f"image_backend={self.image_backend!r}; choose one of {IMAGE_BACKENDS}")
         if self.stop_token_ids is not None:
             if not self.stop_token_ids:
                 raise ValueError("stop_token_ids=[] would never stop; use null for the tokenizer's EOS")

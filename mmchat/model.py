@@ -248,12 +248,13 @@ def load_tokenizer(path: str):
     return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
 
 
-def load_processor(path: str):
+def load_processor(path: str, backend: str | None = None):
     """A checkpoint's transformers processor (`ModelConfig.processor`), loaded as `AutoProcessor` loads the
-    source folder's: the tokenizer class its files name, the default image-processor backend."""
+    source folder's: the tokenizer class its files name, the image processor with `backend` (None: the
+    default, torchvision where it is installed)."""
     from transformers import AutoProcessor
 
-    processor = AutoProcessor.from_pretrained(path, trust_remote_code=False)
+    processor = AutoProcessor.from_pretrained(path, trust_remote_code=False, **({"backend": backend} if backend else {}))
     if processor.tokenizer.chat_template is None:  # mmchat's templates read the tokenizer's
         processor.tokenizer.chat_template = processor.chat_template
     return processor
@@ -263,7 +264,7 @@ def checkpoint_tokenizer(checkpoint: str | Path, config: ModelConfig):
     """(tokenizer, processor or None) of a checkpoint: a converted folder's processor and the tokenizer
     inside it, else the tokenizer `config.tokenizer` names."""
     if config.processor:
-        processor = load_processor(resolve_path(checkpoint, config.processor))
+        processor = load_processor(resolve_path(checkpoint, config.processor), config.image_backend)
         return processor.tokenizer, processor
     return load_tokenizer(resolve_path(checkpoint, config.tokenizer)), None
 

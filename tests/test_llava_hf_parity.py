@@ -221,3 +221,31 @@ def test_chat_stops_where_transformers_generate_stops(tiny_llava_hf_model, tmp_p
     assert theirs == tokens[:stop_at + 1]  # transformers stops at X, and keeps it
     assert ours == tokens[:stop_at]  # mmchat stops at X, and drops it (as it drops EOS)
     assert chat.messages[-1].text == model.tokenizer.decode(ours, skip_special_tokens=True).strip()
+
+
+def test_the_pil_backend_is_followed_when_asked(tiny_llava_hf_dir, tmp_path):
+    """`--image-backend pil`: the checkpoint's pixels are transformers' PIL backend's (LLaVA's own pipeline),
+    to the bit, in chat and after --pad; the default stays the torchvision backend."""
+    from mmchat.model import describe_preprocessing
+
+    padded_folder = llava_hf_variant(tiny_llava_hf_dir, tmp_path / "llava-pad", processor_config("pad", 32))
+    for folder, flags in ((tiny_llava_hf_dir, []), (padded_folder, []), (tiny_llava_hf_dir, ["--pad"])):
+        name = f"pil-{folder.name}{''.join(flags)}"
+        checkpoint = converted(folder, tmp_path / name, "--image-backend", "pil", *flags)
+        assert read_config(checkpoint).image_backend == "pil"
+        model = load_model(checkpoint, LoadOptions("32bit", "cpu"))
+        assert type(model.processor.image_processor).__name__.endswith("Pil")
+        assert "(pil backend)" in describe_preprocessing(model)
+        reference = padded_folder if flags else folder  # --pad on the crop folder pads as the pad folder does
+        for image in images().values():
+            assert torch.equal(model.pixels([image], "square")[0], reference_pixels(reference, image)), name
+    default = load_model(converted(tiny_llava_hf_dir, tmp_path / "default"), LoadOptions("32bit", "cpu"))
+    assert "(torchvision backend)" in describe_preprocessing(default)
+    differs = [not torch.equal(default.pixels([im], "square")[0], reference_pixels(tiny_llava_hf_dir, im))
+               for im in images().values()]
+    assert any(differs), "the two backends' bicubic resizes differ on real photos"
+
+
+def test_image_backend_is_refused_for_original_llava_and_exports(tiny_checkpoint, tmp_path, capsys):
+    assert main(["--to", "llava-hf", "--image-backend", "pil", str(tiny_checkpoint), str(tmp_path / "x")]) == 2
+    assert "Can't combine --image-backend with --to llava-hf" in capsys.readouterr().err

@@ -49,6 +49,10 @@ class ConvertArgs:
     template: str | None = None
     """The prompt template (`llava_v1`, `vicuna_v1`, `llama_2`, `plain`, `chat`); None: `chat` (the
     folder's own chat template, as transformers renders it) when SRC has one, else `llava_v1`."""
+    image_backend: str | None = None
+    """llava-hf folders: load their image processor with this backend, `torchvision` or `pil` (LLaVA's own
+    pixels; what vLLM gives with `--mm-processor-kwargs '{"backend": "pil"}'`); None: transformers' default,
+    as `AutoProcessor.from_pretrained(SRC)` (torchvision where it is installed)."""
 
     def __post_init__(self) -> None:
         self.dst = Path(self.dst)
@@ -60,6 +64,9 @@ class ConvertArgs:
             raise ConvertError("Can't combine --pad/--no-pad with --to llava-hf: the mmchat checkpoint's vision.pad_to_square is exported as do_pad.")
         if self.to == "llava-hf" and self.template is not None:
             raise ConvertError("Can't combine --template with --to llava-hf: the mmchat checkpoint's template is exported as its chat template.")
+        if self.to == "llava-hf" and self.image_backend is not None:
+            raise ConvertError("Can't combine --image-backend with --to llava-hf: the export's processor loads with "
+                               "whatever backend its user picks.")
         if self.template is not None and self.template not in TEMPLATE_NAMES:
             raise ConvertError(f"--template {self.template!r}: choose one of {', '.join(TEMPLATE_NAMES)}")
 
@@ -75,14 +82,18 @@ def parse_args(argv: list[str] | None = None) -> ConvertArgs:
                         help="pad images to square (or not) whatever SRC says; default: a llava-hf folder's do_pad, original LLaVA's image_aspect_ratio")
     parser.add_argument("--template", choices=TEMPLATE_NAMES,
                         help="prompt template; default: chat (SRC's own chat template) when SRC has one, else llava_v1")
+    parser.add_argument("--image-backend", choices=("torchvision", "pil"),
+                        help="llava-hf only: the image processor's backend; default: transformers' (torchvision when installed)")
     ns = parser.parse_args(argv)
-    return ConvertArgs(src=ns.src, dst=ns.dst, to=ns.to, vision_tower=ns.vision_tower, force=ns.force, pad=ns.pad, template=ns.template)
+    return ConvertArgs(src=ns.src, dst=ns.dst, to=ns.to, vision_tower=ns.vision_tower, force=ns.force, pad=ns.pad,
+                       template=ns.template, image_backend=ns.image_backend)
 
 
 def convert(args: ConvertArgs) -> Path:
     if args.to == "llava-hf":
         return to_llava_hf(Path(args.src), args.dst, overwrite=args.force)
-    return to_mmchat(args.src, args.dst, vision_tower=args.vision_tower, overwrite=args.force, pad=args.pad, template=args.template)
+    return to_mmchat(args.src, args.dst, vision_tower=args.vision_tower, overwrite=args.force, pad=args.pad,
+                     template=args.template, image_backend=args.image_backend)
 
 
 @contextmanager

@@ -69,7 +69,7 @@ LLAVA_HF_CLASSES = {"llava": "LlavaForConditionalGeneration", "llava_next": "Lla
 
 
 def to_mmchat(src: str, dst: Path, vision_tower: str | None = None, overwrite: bool = False, pad: bool | None = None,
-              template: str | None = None) -> Path:
+              template: str | None = None, image_backend: str | None = None) -> Path:
     """Convert a llava-hf or original-format LLaVA checkpoint (folder or hub id) into an mmchat checkpoint.
 
     `pad` overrides pad-to-square (else: llava-hf follows its image processor's `do_pad`, original
@@ -82,7 +82,10 @@ def to_mmchat(src: str, dst: Path, vision_tower: str | None = None, overwrite: b
     if kind == "llava-hf":
         if vision_tower:
             raise ConvertError("--vision-tower applies to original-format LLaVA only; a llava-hf checkpoint includes its tower")
-        return from_llava_hf(folder, dst, pad, template)
+        return from_llava_hf(folder, dst, pad, template, image_backend)
+    if image_backend:
+        raise ConvertError("--image-backend applies to llava-hf folders; an original LLaVA checkpoint has no image "
+                           "processor (mmchat preprocesses as LLaVA's own code, PIL-exact)")
     return from_original(folder, config, dst, vision_tower, pad, template)
 
 
@@ -128,7 +131,8 @@ def detect_format(folder: Path) -> tuple[str, dict]:
     )
 
 
-def from_llava_hf(folder: Path, dst: Path, pad: bool | None = None, template: str | None = None) -> Path:
+def from_llava_hf(folder: Path, dst: Path, pad: bool | None = None, template: str | None = None,
+                  image_backend: str | None = None) -> Path:
     """llava-hf -> mmchat: the tower becomes open_clip or stays transformers' (`towers.tower_from_hf`),
     `linear_1/2` the projector's `0/2`, the LLM a causal LM;
     preprocessing follows the folder's image processor, prompts its chat template, stop ids its generation config.
@@ -143,7 +147,7 @@ def from_llava_hf(folder: Path, dst: Path, pad: bool | None = None, template: st
     if hf_config.model_type == "llava_onevision":
         log(f"note: {folder} also reads videos (video_token_index {hf_config.video_token_index}); mmchat converts "
             "it for images only: videos are out of scope")
-    processor, tokenizer = folder_processor(folder)
+    processor, tokenizer = folder_processor(folder, image_backend)
     check_image_token(folder, tokenizer, hf_config.image_token_index)
     prompt = choose_template(folder, tokenizer, template)  # before the weights load: a bad template fails fast
     if processor is not None:
@@ -155,7 +159,7 @@ def from_llava_hf(folder: Path, dst: Path, pad: bool | None = None, template: st
     library, visual, clip_cfg = tower_from_hf(llava.model.vision_tower)
     settings = with_pad(image_settings(folder, hf_config.vision_config.image_size), pad)
     if processor is not None and tiling is None and pad is not None:
-        processor.image_processor = padded(processor.image_processor, settings["pad_to_square"])
+        processor.image_processor = padded(processor.image_processor, settings["pad_to_square"], image_backend)
     try:
         vision = VisionConfig(
             open_clip_model=f"{folder.name}/vision_tower",
@@ -177,20 +181,22 @@ def from_llava_hf(folder: Path, dst: Path, pad: bool | None = None, template: st
         add_image_newline(projector, projector_cfg.out_dim, llava.model.image_newline)
     llm = causal_lm(hf_config.text_config, llava.model.language_model, llava.lm_head)
     config = ModelConfig(vision=vision, projector=projector_cfg, template=prompt.name, image_token_id=hf_config.image_token_index,
-                         stop_token_ids=stop_token_ids(folder, tokenizer, prompt.end_of_turn), **decoding(folder))
+                         stop_token_ids=stop_token_ids(folder, tokenizer, prompt.end_of_turn),
+                         image_backend=image_backend if processor is not None else None, **decoding(folder))
     log(f"writing {dst}")
     return save_checkpoint(dst, config, projector, tokenizer, llm=llm, vision=visual, vision_model_cfg=clip_cfg,
                            processor=processor)
 
 
-def folder_processor(folder: Path):
+def folder_processor(folder: Path, backend: str | None = None):
     """(the folder's processor or None, its tokenizer) as transformers' `AutoProcessor` loads them: the
-    tokenizer class the folder's tokenizer_config.json names, the image processor's default backend. The
-    checkpoint keeps the processor, so every path tokenizes and preprocesses as transformers does here."""
+    tokenizer class the folder's tokenizer_config.json names, the image processor with `backend` (None: the
+    default). The checkpoint keeps the processor, so every path tokenizes and preprocesses as transformers
+    does here."""
     from transformers import AutoProcessor, AutoTokenizer
 
     try:
-        loaded = AutoProcessor.from_pretrained(folder, trust_remote_code=False)
+        loaded = AutoProcessor.from_pretrained(folder, trust_remote_code=False, **({"backend": backend} if backend else {}))
     except OSError:  # no image processor config: transformers' processor cannot load either
         loaded = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
     if getattr(loaded, "image_processor", None) is None:
@@ -203,13 +209,14 @@ def folder_processor(folder: Path):
     return loaded, loaded.tokenizer
 
 
-def padded(image_processor, pad: bool):
+def padded(image_processor, pad: bool, backend: str | None = None):
     """`--pad` / `--no-pad` on a converted folder's image processor: transformers' `LlavaImageProcessor`
-    with the same settings and `do_pad` (LLaVA's pad to square with the mean colour), same backend."""
-    from transformers import LlavaImageProcessor
+    with the same settings and `do_pad` (LLaVA's pad to square with the mean colour), on `backend`."""
+    import transformers
 
-    saved = {**image_processor.to_dict(), "image_processor_type": "LlavaImageProcessor", "do_pad": pad}
-    return LlavaImageProcessor.from_dict(saved)
+    name = "LlavaImageProcessorPil" if backend == "pil" else "LlavaImageProcessor"
+    saved = {**image_processor.to_dict(), "image_processor_type": name, "do_pad": pad}
+    return getattr(transformers, name).from_dict(saved)
 
 
 def check_image_token(folder: Path, tokenizer, image_token_id: int) -> None:

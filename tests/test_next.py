@@ -24,7 +24,7 @@ from mmchat.conversation import render
 from mmchat.convert.cli import main
 from mmchat.templates import resolve_template
 from test_zoo import CORPUS, LLAMA_SPECIALS, LLAVA_15, QUESTIONS, one_line_error, processor_inputs
-from tiny_models import build_chat_tokenizer
+from tiny_models import assert_tiles_equal_the_processors, build_chat_tokenizer, sample_photo
 
 PINS = [[56, 112], [112, 56], [112, 112], [168, 56], [56, 168]]
 NEW_TOKENS = 20
@@ -170,16 +170,7 @@ def test_conversion_keeps_the_tiling_and_the_newline(checkpoint, reference, mode
 
 @pytest.mark.parametrize("name", ["grace_hopper", "cheetah", "tower"])
 def test_tiles_equal_the_default_processor_to_the_bit(model, reference, name):
-    """A lone image's tiles, from the checkpoint's processor and from mmchat.anyres (for AnyRes checkpoints
-    mmchat trains), equal `AutoProcessor`'s default (torchvision) backend on real photos."""
-    from mmchat.anyres import preprocess_anyres
-    from tiny_models import sample_photo
-
-    _, processor = reference
-    picture = sample_photo(name)
-    theirs = processor.image_processor([picture], return_tensors="pt")["pixel_values"][0]
-    assert model.processor is not None and torch.equal(model.pixels([picture], "tiles"), theirs)
-    assert torch.equal(preprocess_anyres(picture, model.anyres)[0], theirs)
+    assert_tiles_equal_the_processors(model, reference[1], sample_photo(name))
 
 
 def test_checkpoints_without_anyres_load_unchanged(checkpoint):

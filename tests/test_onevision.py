@@ -22,7 +22,7 @@ from mmchat.convert.common import SELECT_STRATEGIES
 from mmchat.templates import resolve_template
 from test_next import NEW_TOKENS, chat_as_transformers, hf_chat, images, transformers_turn
 from test_zoo import CORPUS, QUESTIONS, processor_inputs
-from tiny_models import build_chat_tokenizer
+from tiny_models import assert_tiles_equal_the_processors, build_chat_tokenizer, sample_photo
 
 PINS = [[60 * i, 60 * j] for i in range(1, 7) for j in range(1, 7)]
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<video>"]
@@ -200,16 +200,7 @@ def test_several_images_are_padded_squares_to_the_bit(model, reference):
 
 @pytest.mark.parametrize("name", ["grace_hopper", "cheetah", "tower"])
 def test_tiles_equal_the_default_processor_to_the_bit(model, reference, name):
-    """A lone image's tiles, from the checkpoint's processor and from mmchat.anyres (for AnyRes checkpoints
-    mmchat trains), equal `AutoProcessor`'s default (torchvision) backend on real photos."""
-    from mmchat.anyres import preprocess_anyres
-    from tiny_models import sample_photo
-
-    _, processor = reference
-    picture = sample_photo(name)
-    theirs = processor.image_processor([picture], return_tensors="pt")["pixel_values"][0]
-    assert torch.equal(model.pixels([picture], "tiles"), theirs)
-    assert torch.equal(preprocess_anyres(picture, model.anyres)[0], theirs)
+    assert_tiles_equal_the_processors(model, reference[1], sample_photo(name))
 
 
 def test_the_status_line_says_when_images_are_tiled(model, checkpoint):

@@ -283,6 +283,16 @@ def sample_photo(name: str = "grace_hopper"):
         return image.convert("RGB")
 
 
+def assert_tiles_equal_the_processors(model, processor, picture) -> None:
+    """A lone image's AnyRes tiles, from a converted checkpoint's processor and from mmchat.anyres (which
+    AnyRes checkpoints mmchat trains use), equal `processor`'s (the default torchvision backend) to the bit."""
+    from mmchat.anyres import preprocess_anyres
+
+    theirs = processor.image_processor([picture], return_tensors="pt")["pixel_values"][0]
+    assert model.processor is not None and torch.equal(model.pixels([picture], "tiles"), theirs)
+    assert torch.equal(preprocess_anyres(picture, model.anyres)[0], theirs)
+
+
 # -- the llava-hf zoo: one tiny folder per LLM family, written like the hub's -------------------
 
 def build_chat_tokenizer(specials: list[str], bos: str | None, eos: str, byte_level: bool, adds_bos: bool,

@@ -29,7 +29,7 @@ from typing import Iterator
 
 import torch
 
-from mmchat.answer import Answer
+from mmchat.answer import Answer, choose
 from mmchat.kv_cache import BatchCache, new_cache
 
 DEFAULT_PREFILL_CHUNK = 512
@@ -247,6 +247,12 @@ class Engine:
             self._cache = out.cache
         self.stats.steps += 1
         self.stats.tokens += len(running)
+        try:  # the whole batch's tokens at once (one host sync); if that fails, each row chooses alone
+            for request, token in zip(running, choose([r.answer for r in running], logits)):
+                request.answer.chosen = token
+        except Exception:
+            for request in running:
+                request.answer.chosen = None
         done, failed = [], {}
         for i, request in enumerate(running):
             request.fed.append(request.answer.token)

@@ -49,27 +49,105 @@ def stop_ids(stop_token_ids: list[int] | None, eos_token_id: int | None,
     return frozenset(t for t in (eos_token_id, end_of_turn_id) if t is not None)
 
 
-def next_token(
-    logits: torch.Tensor, context_ids: torch.Tensor | None, cfg: GenerationConfig, generator: torch.Generator | None
-) -> int:
-    """logits [V] of the last position -> the chosen token id; `context_ids` [N] are penalised."""
+TOP_P_CANDIDATES = 64
+"""Top-p first looks among a row's 64 likeliest tokens (a partial sort); only a row whose nucleus is
+wider sorts its whole vocabulary. Either way it keeps the tokens a full sort keeps."""
+
+
+def choose_tokens(logits: torch.Tensor, gens: list[GenerationConfig], generators: list[torch.Generator | None],
+                  seen: list[torch.Tensor | None]) -> list[int]:
+    """logits [B, V] of each row's last position -> each row's token, with one host sync for the batch.
+
+    Row i follows `gens[i]`: greedy rows take the argmax; the others sample at their temperature from
+    their top-p nucleus, drawing from `generators[i]` (a seeded request draws the same tokens alone and in
+    any batch) or, if None, from torch's default generator. `seen[i]` [V] bool marks the tokens the
+    repetition penalty discourages (None: no penalty). A row whose probabilities overflow (non-finite
+    logits) takes its argmax, NaNs ignored.
+    """
     logits = logits.float()
-    if cfg.repetition_penalty != 1.0 and context_ids is not None and context_ids.numel():
-        seen = logits[context_ids]
+    if any(s is not None for s in seen):
+        no_penalty = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
+        mask = torch.stack([no_penalty if s is None else s for s in seen])  # [B, V]
+        penalty = logits.new_tensor([g.repetition_penalty for g in gens]).unsqueeze(1)  # [B, 1]
         # Out of place: the logits come from inference mode and cannot be written to.
-        logits = logits.scatter(0, context_ids, torch.where(seen > 0, seen / cfg.repetition_penalty, seen * cfg.repetition_penalty))
-    if cfg.greedy:
-        return int(torch.argmax(logits))
-    probs = torch.softmax(logits / cfg.temperature, dim=-1)
-    if cfg.top_p < 1.0:
-        sorted_probs, order = torch.sort(probs, descending=True)
-        # Keep the smallest prefix whose mass reaches top_p. The first token always stays: a top_p
-        # below float32's smallest number (1e-300) is 0 here, and would otherwise drop every token.
-        drop = torch.cumsum(sorted_probs, dim=-1) - sorted_probs >= cfg.top_p
-        drop[0] = False
-        sorted_probs[drop] = 0.0
-        probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
-    total = probs.sum()
-    if not torch.isfinite(total) or total <= 0:  # logits that overflowed: the most likely token is the only sane pick
-        return int(torch.argmax(torch.nan_to_num(logits, nan=-float("inf"))))
-    return int(torch.multinomial(probs / total, 1, generator=generator))
+        logits = torch.where(mask, torch.where(logits > 0, logits / penalty, logits * penalty), logits)
+    rows = [i for i, g in enumerate(gens) if not g.greedy]
+    if not rows:
+        return torch.argmax(logits, dim=-1).tolist()
+    if len(rows) == len(gens):
+        return _sample(logits, gens, generators).tolist()
+    chosen = torch.argmax(logits, dim=-1)  # [B]
+    chosen[rows] = _sample(logits[rows], [gens[i] for i in rows], [generators[i] for i in rows])
+    return chosen.tolist()
+
+
+def _sample(logits: torch.Tensor, gens: list[GenerationConfig], generators: list[torch.Generator | None]) -> torch.Tensor:
+    """logits [R, V] -> [R] tokens drawn from each row's top-p nucleus at its temperature."""
+    temperature = logits.new_tensor([g.temperature for g in gens]).unsqueeze(1)
+    probs = torch.softmax(logits / temperature, dim=-1)  # [R, V]
+    u = _uniforms(generators, logits.device)
+    tokens, total = torch.empty(len(gens), dtype=torch.long, device=logits.device), torch.empty_like(u)
+    whole = [i for i, g in enumerate(gens) if g.top_p >= 1.0]
+    if whole:
+        tokens[whole], total[whole] = _draw(probs[whole], u[whole])
+    cut = [i for i, g in enumerate(gens) if g.top_p < 1.0]
+    if cut:
+        top_p = logits.new_tensor([g.top_p for g in gens]).unsqueeze(1)
+        for rows, sorted_probs, order in _nuclei(probs, top_p, cut):
+            rank, total[rows] = _draw(sorted_probs, u[rows])
+            tokens[rows] = order.gather(1, rank.unsqueeze(1)).squeeze(1)
+    # Logits that overflowed: the most likely token is the only sane pick. (Only a GPU pays for a check.)
+    unusable = ~torch.isfinite(total) | (total <= 0)
+    if logits.device.type == "cpu" and not bool(unusable.any()):
+        return tokens
+    return torch.where(unusable, torch.argmax(torch.nan_to_num(logits, nan=-float("inf")), dim=-1), tokens)
+
+
+def _uniforms(generators: list[torch.Generator | None], device) -> torch.Tensor:
+    """[R] uniform numbers in [0, 1), one per row, which `_draw` turns into its token: a seeded row's from
+    its own generator (the same tokens alone and in any batch), the others' from torch's default one."""
+    if all(g is None for g in generators):
+        return torch.rand(len(generators), device=device)
+    return torch.cat([torch.rand(1, generator=g, device=device) for g in generators])
+
+
+def _draw(probs: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """probs [R, K] (unnormalised, zeros never drawn), u [R] uniform in [0, 1) -> ([R] index, [R] total mass)."""
+    cdf = torch.cumsum(probs, dim=-1)
+    total = cdf[:, -1:]
+    index = torch.searchsorted(cdf, u.unsqueeze(1) * total, right=True)
+    # u * total may round up to the total: take the token where the mass reaches it then (NaNs: any
+    # index, the caller takes the argmax).
+    index = torch.minimum(index, torch.searchsorted(cdf, total.contiguous())).clamp_(max=probs.shape[-1] - 1)
+    return index.squeeze(1), total.squeeze(1)
+
+
+def _nuclei(probs: torch.Tensor, top_p: torch.Tensor, rows: list[int]):
+    """For `rows` of probs [R, V]: yields (rows, their probabilities sorted [r, K] and zero outside their
+    top-p [R, 1] nucleus, the token ids [r, K]). The nucleus is the smallest prefix of the sorted
+    probabilities whose mass reaches top_p. A row whose nucleus fits in its `TOP_P_CANDIDATES` likeliest
+    tokens takes them (K = 64, a partial sort); a wider one sorts all V: each row's own values decide."""
+    vocab = probs.shape[-1]
+    # A GPU sorts the whole vocabulary quickly, and checking which rows a partial sort settles would cost it
+    # a sync (a CPU none).
+    if probs.device.type == "cpu" and vocab > TOP_P_CANDIDATES:
+        values, order = torch.topk(probs[rows], TOP_P_CANDIDATES, dim=-1)
+        drop = _beyond_nucleus(values, top_p[rows])
+        # cumsum - p grows along a sorted row, so a row that drops its k-th token drops every later one.
+        narrow = drop[:, -1].tolist()
+        if any(narrow):
+            keep = [i for i, n in enumerate(narrow) if n]
+            yield [rows[i] for i in keep], values[keep].masked_fill(drop[keep], 0.0), order[keep]
+        rows = [r for r, n in zip(rows, narrow) if not n]
+        if not rows:
+            return
+    values, order = torch.sort(probs[rows], dim=-1, descending=True)
+    yield rows, values.masked_fill(_beyond_nucleus(values, top_p[rows]), 0.0), order
+
+
+def _beyond_nucleus(sorted_probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """[R, K] True where a sorted row's mass before the token already reaches top_p. The first token
+    always stays: a top_p below float32's smallest number (1e-300) is 0 here, and would drop every token."""
+    drop = torch.cumsum(sorted_probs, dim=-1) - sorted_probs >= top_p
+    drop[:, 0] = False
+    return drop

@@ -3,11 +3,13 @@ by the official `openai` client.
 
     python -m benchmarks.serve --quick         # 2-layer LLM, users 1 and 4: about a minute on 2 CPU cores
     python -m benchmarks.serve                 # 8-layer × 256 LLaMA, users 1, 4, 8, 16: about 6 minutes
+    python -m benchmarks.serve --vllm ../peers/vllm/bin/python   # and vLLM twice (benchmarks.serve_vllm): +10 min
 
 One random-weight llava-hf folder (CLIP 336 px / patch 14 = 576 image tokens, llava-hf/llava-1.5's
 processor and chat template) is served, one server at a time, by mmchat with batching on
 (`--max-batch`) and off (`--max-batch 1`), and by `transformers serve` plain and with
-`--continuous-batching`. Against each server:
+`--continuous-batching`; with `--vllm VENV/bin/python`, by vLLM too, as it starts by default and with
+`--block-size 32` (`benchmarks.serve_vllm` says how). Against each server:
 
   (a) one user, `--turns` turns about a picture: time to first token per turn (mmchat reuses the
       conversation's KV cache across requests; `transformers serve` re-reads the whole history);
@@ -39,10 +41,12 @@ from pathlib import Path
 
 from benchmarks.common import machine
 from benchmarks.random_llava import LLAVA_15_CHAT_TEMPLATE, LlavaShape
+from benchmarks.serve_vllm import VLLM_SERVERS, thread_note, vllm_command, vllm_env
 
 SERVERS = {
     "mmchat": "mmchat",
     "mmchat-unbatched": "mmchat, batching off",
+    **{key: label for key, (label, _) in VLLM_SERVERS.items()},
     "transformers": "transformers serve",
     "transformers-cb": "transformers serve --continuous-batching",
 }
@@ -75,6 +79,9 @@ class ServeBenchConfig:
     """mmchat's --max-batch with batching on (running generations decoded together)."""
     device: str = "cpu"
     seed: int = 0
+    vllm: Path | None = None
+    """vLLM's venv python (`bash benchmarks/peers/vllm.sh` makes it): vLLM is served too, default and
+    `--block-size 32`; without it, vLLM is left out."""
     shape: LlavaShape = field(default_factory=lambda: SERVE_SHAPE)
 
     def __post_init__(self) -> None:
@@ -92,19 +99,26 @@ class ServeBenchConfig:
         if not self.users or min(self.users) < 1:
             raise ValueError(f"--users {self.users}: give user counts of at least 1")
         self.users = sorted(set(self.users))
+        if self.vllm is not None and not Path(self.vllm).is_file():
+            raise ValueError(f"--vllm {self.vllm}: not found; make vLLM's venv with `bash benchmarks/peers/vllm.sh` "
+                             "and pass VENV/bin/python")
 
 
 # ------------------------------------------------------------------ the served folder
 
 
 def build_folder(out: Path, shape: LlavaShape, seed: int) -> list[str]:
-    """A random llava-hf folder as the hub's llava-1.5 folders are: weights, tokenizer, and a
-    `LlavaProcessor` (CLIP preprocessing, the chat template) that `transformers serve` needs."""
+    """A random llava-hf folder as the hub's llava-1.5 folders are: weights named as the hub names them
+    (`vision_tower.vision_model.…`, which vLLM needs; transformers 5 saves `vision_tower.…` and reads
+    both), tokenizer, and a `LlavaProcessor` (CLIP preprocessing, the chat template) that `transformers
+    serve` needs."""
     from transformers import AutoTokenizer, CLIPImageProcessor, LlavaProcessor
 
     from benchmarks.random_llava import build_llava_hf
+    from mmchat.convert.to_llava_hf import hub_layout
 
     lexicon = build_llava_hf(out, shape, seed)
+    hub_layout(out)
     side = shape.image_size
     image_processor = CLIPImageProcessor(size={"shortest_edge": side}, crop_size={"height": side, "width": side},
                                          resample=3)
@@ -138,6 +152,8 @@ def mmchat_batching_flag() -> bool:
 
 
 def server_command(key: str, cfg: ServeBenchConfig, folder: Path, port: int, batching_flag: bool) -> list[str]:
+    if key in VLLM_SERVERS:
+        return vllm_command(key, cfg.vllm, folder, port, cfg.seed)
     if key.startswith("mmchat"):
         batch = ["--max-batch", "1" if key == "mmchat-unbatched" else str(cfg.max_batch)] if batching_flag else []
         # every user's conversation keeps its KV cache (+ the warm-up and single-user ones), and
@@ -163,7 +179,8 @@ def free_port() -> int:
 def start_server(key: str, cfg: ServeBenchConfig, folder: Path, work: Path, batching_flag: bool) -> Server:
     """Start the server and wait until GET /v1/models answers (the model is loaded by then)."""
     port = free_port()
-    return launch(key, server_command(key, cfg, folder, port, batching_flag), port, work, cfg.threads)
+    env = vllm_env() if key in VLLM_SERVERS else {}
+    return launch(key, server_command(key, cfg, folder, port, batching_flag), port, work, cfg.threads, **env)
 
 
 def launch(key: str, command: list[str], port: int, work: Path, threads: int, **extra_env: str) -> Server:
@@ -244,6 +261,8 @@ def notes(server: Server) -> list[str]:
     if "does not support continuous batching" in text:
         found.append("continuous batching unavailable for this model: transformers serve fell back to "
                      "sequential generate")
+    if server.key in VLLM_SERVERS:
+        found += thread_note(text)
     return found
 
 
@@ -340,7 +359,8 @@ def run(cfg: ServeBenchConfig) -> dict:
         lexicon = build_folder(folder, cfg.shape, cfg.seed)
         plan = conversation_plan(cfg, lexicon)
         batching_flag = mmchat_batching_flag()
-        keys = [k for k in SERVERS if batching_flag or k != "mmchat-unbatched"]
+        keys = [k for k in SERVERS if (batching_flag or k != "mmchat-unbatched")
+                and (cfg.vllm is not None or k not in VLLM_SERVERS)]
         if not batching_flag:
             progress("note: python -m mmchat.serve has no --max-batch here; mmchat runs once, with its defaults")
         servers = {}
@@ -355,7 +375,8 @@ def run(cfg: ServeBenchConfig) -> dict:
                               cfg.new_tokens, cfg.threads, rounds=1 if cfg.quick else 5)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    return {"config": {**asdict(cfg), "out": str(cfg.out)}, "shape": cfg.shape.describe(), "machine": machine(),
+    config = {**asdict(cfg), "out": str(cfg.out), "vllm": cfg.vllm and str(cfg.vllm)}
+    return {"config": config, "shape": cfg.shape.describe(), "machine": machine(),
             "mmchat_max_batch_flag": batching_flag, "seconds": time.perf_counter() - started,
             "load_average": {"before": load_before, "after": os.getloadavg()[0]},
             "questions_single_user": list(plan["single"].questions), "servers": servers, "agreement": agreement,
@@ -375,11 +396,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--new-tokens", type=int, default=24, help="max_tokens per request (default: %(default)s)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per server (default: %(default)s)")
     p.add_argument("--max-batch", type=int, default=16, help="mmchat's --max-batch, batching on (default: %(default)s)")
-    p.add_argument("--device", default="cpu", help="both servers' --device (default: %(default)s)")
+    p.add_argument("--device", default="cpu", help="mmchat's and transformers' --device (default: %(default)s)")
+    p.add_argument("--vllm", type=Path, metavar="VENV_PYTHON",
+                   help="serve with vLLM too (default and --block-size 32): its venv's python, made by "
+                        "`bash benchmarks/peers/vllm.sh` (../peers/vllm/bin/python)")
     a = p.parse_args(argv)
     try:
         cfg = ServeBenchConfig(quick=a.quick, out=a.out, turns=a.turns, rounds=a.rounds, users=a.users,
-                               new_tokens=a.new_tokens, threads=a.threads, max_batch=a.max_batch, device=a.device)
+                               new_tokens=a.new_tokens, threads=a.threads, max_batch=a.max_batch, device=a.device,
+                               vllm=a.vllm)
     except ValueError as e:
         p.error(str(e))
     return report(run(cfg), cfg.out)

@@ -109,11 +109,23 @@ def follow(ref: Reference, messages: list[dict], answer: str, finish_reason: str
     return {"ok": True, "tokens": len(ids), "near_ties": near_ties, "failure": None}
 
 
+def same_text(mine: str, theirs: str) -> tuple[bool, bool]:
+    """(the answers are the same text, and only once leading white space is dropped). vLLM's answers
+    and mmchat's differ by the leading space of the first token: vLLM streams a SentencePiece `▁word`
+    first token as ` word`, mmchat and `transformers serve` as `word` (tokenizers drop the space that
+    starts a text); the same token either way."""
+    if mine == theirs:
+        return True, False
+    spaced = mine.lstrip() == theirs.lstrip()
+    return spaced, spaced
+
+
 def check_single_user(folder: str, conv: Conversation, runs: dict[str, list[dict]], reference: str,
                       max_tokens: int) -> dict:
     """Every server's single-user turns against `runs[reference]` (whose answers were everyone's
-    history). Per server: turns with the same text, near-tie divergences, failures (a real
-    disagreement, or a prompt of another length: then the servers did not see the same prompt)."""
+    history). Per server: turns with the same text (`same_text`: a leading space apart, counted in
+    `leading_space_only`), near-tie divergences, failures (a real disagreement, or a prompt of another
+    length: then the servers did not see the same prompt)."""
     tol, ref, followed = TOLERANCE["32bit"], None, {}
     history = [r["answer"] for r in runs[reference]]
 
@@ -130,9 +142,11 @@ def check_single_user(folder: str, conv: Conversation, runs: dict[str, list[dict
     for key, records in runs.items():
         if key == reference:
             continue
-        same, divergences, failures, turns = 0, 0, [], []
+        same, spaced, divergences, failures, turns = 0, 0, 0, [], []
         for turn, (mine, theirs) in enumerate(zip(records, runs[reference]), start=1):
-            entry = {"turn": turn, "same": mine["answer"] == theirs["answer"]}
+            equal, space_only = same_text(mine["answer"], theirs["answer"])
+            entry = {"turn": turn, "same": equal, "leading_space_only": space_only}
+            spaced += space_only
             if mine["prompt_tokens"] != theirs["prompt_tokens"]:
                 failures.append(f"turn {turn}: prompt of {mine['prompt_tokens']} tokens, {reference}'s "
                                 f"{theirs['prompt_tokens']}")
@@ -144,6 +158,6 @@ def check_single_user(folder: str, conv: Conversation, runs: dict[str, list[dict
                 failures += [f"turn {turn}: {b}" for b in bad]
                 divergences += not bad
             turns.append(entry)
-        out[key] = {"turns_compared": len(records), "same_text": same, "near_tie_divergences": divergences,
-                    "failures": failures, "tolerance": tol, "turns": turns}
+        out[key] = {"turns_compared": len(records), "same_text": same, "leading_space_only": spaced,
+                    "near_tie_divergences": divergences, "failures": failures, "tolerance": tol, "turns": turns}
     return out

@@ -6,11 +6,37 @@ from pathlib import Path
 from benchmarks.common import table, write_json
 
 TRANSFORMERS = ("transformers", "transformers-cb")
+VLLM = ("vllm", "vllm-bs32")
 MODE = {"transformers": "plain", "transformers-cb": "--continuous-batching"}
 TARGETS = {"vs_transformers": 3.0, "vs_unbatched": 4.0, "ttft_vs_transformers": 5.0, "one_user_decode": 1.0}
 """The issue's targets: aggregate tokens/s at the headline user count ≥ 3× `transformers serve`'s
 better mode and ≥ 4× mmchat with batching off; one user's last-turn time to first token ≥ 5× lower;
 one user's decode through the engine ≥ 1.0× a chat session's alone."""
+
+
+def decode_tps(turns: list[dict]) -> float:
+    """One user's decode rate: tokens after the first ÷ the time after the first token, over all turns."""
+    tokens = sum(t["completion_tokens"] - 1 for t in turns)
+    seconds = sum(t["total_s"] - t["ttft_s"] for t in turns)
+    return tokens / seconds if seconds > 0 else float("nan")
+
+
+def vs_vllm(data: dict, decode: dict[str, float]) -> dict:
+    """mmchat against each vLLM run, as the issue's targets put it: throughput and decode as mmchat ÷ vLLM
+    (higher is better), times and memory as mmchat ÷ vLLM (lower is better)."""
+    servers, users = data["servers"], data["config"]["users"]
+    top, mine = str(users[-1]), servers["mmchat"]
+    out = {}
+    for key in (k for k in VLLM if k in servers):
+        theirs = servers[key]
+        out[key] = {"aggregate": {u: mine["concurrent"][u]["aggregate_tps"] / theirs["concurrent"][u]["aggregate_tps"]
+                                  for u in mine["concurrent"] if u != "1"},
+                    "one_user_decode": decode["mmchat"] / decode[key],
+                    "last_turn_ttft": mine["single_user"][-1]["ttft_s"] / theirs["single_user"][-1]["ttft_s"],
+                    "ttft_p50": mine["concurrent"][top]["ttft_p50_s"] / theirs["concurrent"][top]["ttft_p50_s"],
+                    "ttft_p95": mine["concurrent"][top]["ttft_p95_s"] / theirs["concurrent"][top]["ttft_p95_s"],
+                    "peak_memory": mine["concurrent"][top]["peak_mb"] / theirs["concurrent"][top]["peak_mb"]}
+    return out
 
 
 def summarise(data: dict) -> dict:
@@ -25,7 +51,10 @@ def summarise(data: dict) -> dict:
               "vs_unbatched": agg["mmchat"] / agg["mmchat-unbatched"] if "mmchat-unbatched" in servers else None,
               "ttft_vs_transformers": last_ttft[quickest] / last_ttft["mmchat"],
               "one_user_decode": data["one_user_decode"]["ratio"] if "one_user_decode" in data else None}
+    decode = {k: decode_tps(s["single_user"]) for k, s in servers.items()}
     return {"headline_users": int(hu), "aggregate_tps": agg, "last_turn_ttft_s": last_ttft,
+            "one_user_decode_tps": decode,
+            "vs_vllm": vs_vllm(data, decode),
             "better_transformers_mode": better, "quickest_transformers_mode_last_turn": quickest, "ratios": values,
             "targets_met": {k: v is not None and v >= TARGETS[k] for k, v in values.items()}}
 
@@ -55,7 +84,44 @@ def target_lines(data: dict) -> list[str]:
                      f"{solo['engine']['decode_tokens_per_s']:.1f} ÷ {solo['alone']['decode_tokens_per_s']:.1f} tok/s, "
                      f"median of {solo['rounds']} paired rounds {r['one_user_decode']:.2f}× "
                      f"(target ≥ {TARGETS['one_user_decode']:g}×) {verdict('one_user_decode')}")
+    top = data["config"]["users"][-1]
+    for key, v in s["vs_vllm"].items():
+        agg = ", ".join(f"{u} users {x:.2f}×" for u, x in v["aggregate"].items())
+        lines.append(f"mmchat vs {data['servers'][key]['label']} (mmchat ÷ vLLM): aggregate tok/s {agg or 'n/a'}; "
+                     f"one user's decode {v['one_user_decode']:.2f}×; turn-{turns} TTFT {v['last_turn_ttft']:.2f}×; "
+                     f"TTFT p50 {v['ttft_p50']:.2f}× and p95 {v['ttft_p95']:.2f}× at {top} users; peak memory at "
+                     f"{top} users {v['peak_memory']:.2f}×")
     return lines
+
+
+def server_table(data: dict) -> list[str]:
+    """The issue's table: a column per server, a row per measure (markdown)."""
+    cfg, servers, s = data["config"], data["servers"], data["summary"]
+    users, hu = cfg["users"], s["headline_users"]
+    top, turns = str(users[-1]), cfg["turns"]
+
+    def row(name: str, cell) -> str:
+        return f"| {name} | " + " | ".join(cell(k, srv) for k, srv in servers.items()) + " |"
+
+    def ttft(u: str):
+        return lambda k, srv: f"{srv['concurrent'][u]['ttft_p50_s']:.2f} s / {srv['concurrent'][u]['ttft_p95_s']:.2f} s"
+
+    labels = [f"`{srv['label']}`" if key.startswith(("transformers", "vllm")) else srv["label"]
+              for key, srv in servers.items()]
+    return ["| | " + " | ".join(labels) + " |", "|---|" + "---|" * len(servers),
+            row("one user's decode, tok/s", lambda k, srv: f"{s['one_user_decode_tps'][k]:.1f}"),
+            row(f"aggregate tok/s at {' / '.join(map(str, users))} user{'s' * (len(users) > 1 or users[0] > 1)}",
+                lambda k, srv: " / ".join(f"{srv['concurrent'][str(u)]['aggregate_tps']:.1f}" for u in users)),
+            row(f"TTFT turn {turns}, one user", lambda k, srv: f"{srv['single_user'][-1]['ttft_s']:.3f} s"),
+            *([row(f"TTFT p50 / p95 at {hu} users", ttft(str(hu)))] if str(hu) != top else []),
+            row(f"TTFT p50 / p95 at {top} users", ttft(top)),
+            row(f"peak memory at {top} users, MB", lambda k, srv: f"{srv['concurrent'][top]['peak_mb']:.0f}"),
+            row("start, s", lambda k, srv: f"{srv['startup_s']:.1f}")]
+
+
+def spaced(agreement: dict) -> str:
+    n = agreement.get("leading_space_only", 0)
+    return f" ({n} only once a leading space is dropped)" if n else ""
 
 
 def headline(data: dict) -> str:
@@ -83,7 +149,7 @@ def report(data: dict, out: Path) -> int:
     print(f"\nconcurrent users × {cfg['rounds']} turns")
     print(table(["server", "users", "tok/s (all)", "TTFT p50 s", "TTFT p95 s", f"turn-{cfg['rounds']} TTFT s",
                  "peak MB", "wall s"], rows))
-    print()
+    print("\n" + "\n".join(server_table(data)) + "\n")
     for s in servers.values():
         for note in s["notes"]:
             print(f"note: {s['label']}: {note}")
@@ -91,7 +157,7 @@ def report(data: dict, out: Path) -> int:
     for key, ag in data["agreement"].items():
         failures += [f"{servers[key]['label']}: {f}" for f in ag["failures"]]
         print(f"greedy agreement, {servers[key]['label']} vs mmchat: {ag['same_text']}/{ag['turns_compared']} "
-              f"single-user answers identical, {ag['near_tie_divergences']} differ at a near-tie "
+              f"single-user answers identical{spaced(ag)}, {ag['near_tie_divergences']} differ at a near-tie "
               f"(≤ {ag['tolerance']:g} logits), {len(ag['failures'])} real disagreement(s)")
     for line in target_lines(data):
         print(line)
@@ -112,7 +178,7 @@ def plot(data: dict, path: Path) -> None:
     fig = Figure(figsize=(11, 4))
     ax1, ax2 = fig.subplots(1, 2)
     for key, s in data["servers"].items():
-        style = "-o" if key.startswith("mmchat") else "--s"
+        style = "-o" if key.startswith("mmchat") else ":^" if key in VLLM else "--s"
         turns = s["single_user"]
         ax1.plot([t["turn"] for t in turns], [t["ttft_s"] for t in turns], style, label=s["label"])
         users = [int(u) for u in s["concurrent"]]
@@ -134,39 +200,35 @@ def plot(data: dict, path: Path) -> None:
 
 def readme(data: dict) -> str:
     """The README section: a table of the run and how to run it."""
-    cfg, servers, s = data["config"], data["servers"], data["summary"]
-    users, hu, turns = cfg["users"], s["headline_users"], cfg["turns"]
-    head = ["server", *[f"{u} user{'s' * (u > 1)} tok/s" for u in users], f"TTFT p50 / p95 at {hu} users",
-            f"peak MB at {users[-1]} users", f"turn-{turns} TTFT, one user"]
-    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
-    for key, srv in servers.items():
-        c = srv["concurrent"]
-        cells = [f"`{srv['label']}`" if key.startswith("transformers") else srv["label"],
-                 *[f"{c[str(u)]['aggregate_tps']:.1f}" for u in users],
-                 f"{c[str(hu)]['ttft_p50_s']:.2f} / {c[str(hu)]['ttft_p95_s']:.2f} s",
-                 f"{c[str(users[-1])]['peak_mb']:.0f}",
-                 f"{srv['single_user'][-1]['ttft_s']:.3f} s"]
-        lines.append("| " + " | ".join(cells) + " |")
-    agree = "; ".join(f"{servers[k]['label']}: {a['same_text']}/{a['turns_compared']} identical, "
+    cfg, servers = data["config"], data["servers"]
+    agree = "; ".join(f"{servers[k]['label']}: {a['same_text']}/{a['turns_compared']} identical{spaced(a)}, "
                       f"{a['near_tie_divergences']} near-tie flips" for k, a in data["agreement"].items())
-    flags = (" --quick" if cfg["quick"] else "") + (f" --threads {cfg['threads']}" if cfg["threads"] != 1 else "")
+    flags = (" --quick" if cfg["quick"] else "") + (f" --threads {cfg['threads']}" if cfg["threads"] != 1 else "") \
+        + (f" --vllm {cfg['vllm']}" if cfg.get("vllm") else "")
+    with_vllm = (" and by vLLM (`vllm serve FOLDER --dtype float32`, as it starts by default and with "
+                 "`--block-size 32`)") if any(k in VLLM for k in servers) else ""
     notes = [f"- {srv['label']}: {note}" for srv in servers.values() for note in srv["notes"]]
     return "\n".join([
         "## Serving benchmark: `python -m benchmarks.serve`", "",
         "One random-weight llava-hf folder (llava-1.5's processor and chat template) served one server at a time, "
         f"each in its own process, by `python -m mmchat.serve` (batching on with `--max-batch {cfg['max_batch']}`, "
-        "and off with `--max-batch 1`) and by `transformers serve` (plain and `--continuous-batching`), driven by "
+        f"and off with `--max-batch 1`), by `transformers serve` (plain and `--continuous-batching`){with_vllm}, "
+        "driven by "
         f"the official `openai` client with streamed greedy requests of {cfg['new_tokens']} tokens; each user's turn "
         f"re-sends the whole conversation (a picture, then questions and answers). Model: {data['shape']}. "
         f"Measured on {data['machine']}, {cfg['threads']} torch thread(s) per server (`python -m "
         f"benchmarks.serve{flags}`, {data['seconds'] / 60:.0f} min; 1-minute load average "
         f"{data['load_average']['before']:.1f} before the run). Concurrent users ask {cfg['rounds']} turns each, all "
-        "starting together; tok/s is all completion tokens ÷ the phase's wall time.", "",
-        *lines, "",
+        "starting together; tok/s is all completion tokens ÷ the phase's wall time. One user's decode is the "
+        f"{cfg['turns']} single-user turns' tokens after the first ÷ their time after the first token; start is the "
+        "time until `GET /v1/models` answers; peak memory sums the peak RSS (VmHWM) of the server's process tree "
+        "(vLLM's API server, engine core and worker processes).", "",
+        *server_table(data), "",
         *[f"- {line}" for line in target_lines(data)], *notes,
         f"- greedy single-user answers vs mmchat's (every server got mmchat's answers as history): {agree}", "",
         f"{headline(data).replace('headline: ', 'Headline: ')}.", "",
         "```bash",
         "python -m benchmarks.serve --quick    # a 2-layer LLM, users 1 and 4: about a minute on 2 CPU cores",
         "python -m benchmarks.serve            # the 8-layer × 256 LLaMA above, users 1, 4, 8, 16",
+        "python -m benchmarks.serve --vllm ../peers/vllm/bin/python   # and vLLM (bash benchmarks/peers/vllm.sh)",
         "```", ""])

@@ -64,8 +64,9 @@ def test_serve_benchmark_quick(tmp_path):
     section = (tmp_path / "serve_readme.md").read_text()
     assert section.startswith("## Serving benchmark") and "python -m benchmarks.serve --quick" in section
     rows = [line for line in section.splitlines() if line.startswith("|")]
-    assert len(rows) == 2 + len(servers)  # header, rule, a row per server
-    assert all(any(s["label"] in row for row in rows[2:]) for s in servers.values())
+    assert len(rows) == 2 + 6  # header, rule, a row per measure (p50/p95 once: the headline users are the most)
+    assert all(s["label"] in rows[0] for s in servers.values())
+    assert all(row.count("|") == len(servers) + 2 for row in rows)  # a column per server
 
 
 def test_agreement_follows_greedy_answers_and_finds_real_disagreements(tmp_path):
@@ -107,10 +108,11 @@ def test_report_picks_the_better_transformers_mode_and_fails_on_a_real_disagreem
     from benchmarks.serve_report import report
 
     def server(label, tps, last_ttft):
-        turns = [{"turn": t, "ttft_s": last_ttft if t == 2 else 0.3, "prompt_tokens": 600 + 50 * t} for t in (1, 2)]
+        turns = [{"turn": t, "ttft_s": last_ttft if t == 2 else 0.3, "prompt_tokens": 600 + 50 * t,
+                  "completion_tokens": 24, "total_s": (last_ttft if t == 2 else 0.3) + 23 / tps} for t in (1, 2)]
         phases = {str(u): {"aggregate_tps": tps * (u > 1 or 0.5), "ttft_p50_s": 0.1, "ttft_p95_s": 0.2,
                            "last_turn_ttft_s": 0.1, "peak_mb": 900.0, "wall_s": 5.0} for u in (1, 8)}
-        return {"label": label, "notes": [], "single_user": turns, "concurrent": phases}
+        return {"label": label, "notes": [], "single_user": turns, "concurrent": phases, "startup_s": 7.0}
 
     def agreement(failures):
         return {"turns_compared": 2, "same_text": 2 - len(failures), "near_tie_divergences": 0, "failures": failures,
@@ -141,4 +143,74 @@ def test_report_picks_the_better_transformers_mode_and_fails_on_a_real_disagreem
     data["agreement"]["transformers"] = agreement(["turn 2: transformers: token 3: the reference prefers ..."])
     assert report(data, tmp_path) == 1
     assert capsys.readouterr().out.strip().splitlines()[-1].startswith("FAIL: ")
+    assert (tmp_path / "serve.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_report_with_vllm_columns_and_leading_space_agreement(tmp_path, capsys):
+    """With vLLM's runs in the results (fake ones: no vLLM needed), the table gains their columns, the
+    comparison lines their ratios, and answers that differ only by a leading space count as the same."""
+    from benchmarks.serve_agreement import check_single_user, same_text
+    from benchmarks.serve_clients import Conversation
+    from benchmarks.serve_report import report
+
+    assert same_text(" lai vepa", " lai vepa") == (True, False)
+    assert same_text("lai vepa", " lai vepa") == (True, True)
+    assert same_text("lai vepa", " lai vepo") == (False, False)
+
+    def turns(answers, ttft, decode_tps):
+        return [{"turn": t, "ttft_s": ttft * t, "total_s": ttft * t + 23 / decode_tps, "completion_tokens": 24,
+                 "prompt_tokens": 600 + 50 * t, "answer": a, "finish_reason": "length"}
+                for t, a in enumerate(answers, start=1)]
+
+    def server(label, answers, ttft, decode, tps, peak, start, notes=()):
+        phases = {str(u): {"aggregate_tps": tps[i], "ttft_p50_s": 0.1 * (i + 1), "ttft_p95_s": 0.5 * (i + 1),
+                           "last_turn_ttft_s": 0.1, "peak_mb": peak, "wall_s": 10.0} for i, u in enumerate((1, 8, 16))}
+        return {"label": label, "notes": list(notes), "single_user": turns(answers, ttft, decode),
+                "concurrent": phases, "startup_s": start}
+
+    mine = [" lai vepa", " hou ki"]
+    servers = {"mmchat": server("mmchat", mine, 0.05, 92.0, (46.0, 120.0, 130.0), 1800.0, 8.0),
+               "vllm": server("vLLM", [a.lstrip() for a in mine], 0.1, 92.0, (50.0, 100.0, 160.0), 5400.0, 90.0,
+                              ["model process bound to core(s) 1 (1 OpenMP thread, VLLM_CPU_OMP_THREADS_BIND=auto)"]),
+               "vllm-bs32": server("vLLM --block-size 32", [a.lstrip() for a in mine], 0.025, 115.0,
+                                   (55.0, 150.0, 200.0), 5300.0, 70.0),
+               "transformers": server("transformers serve", mine, 0.5, 40.0, (40.0, 40.0, 40.0), 900.0, 10.0)}
+    conv = Conversation("data:,", ("q1?", "q2?"))
+    # texts equal but for a leading space: no reference model is loaded (the folder does not exist)
+    agreement = check_single_user(str(tmp_path / "no-folder"), conv,
+                                  {k: s["single_user"] for k, s in servers.items()}, "mmchat", 24)
+    assert agreement["vllm"]["same_text"] == 2 and agreement["vllm"]["leading_space_only"] == 2
+    assert agreement["transformers"]["same_text"] == 2 and agreement["transformers"]["leading_space_only"] == 0
+    assert all(a["failures"] == [] for a in agreement.values())
+
+    data = {"config": {"users": [1, 8, 16], "turns": 2, "rounds": 5, "threads": 1, "new_tokens": 24, "max_batch": 16,
+                       "quick": False, "vllm": "../peers/vllm/bin/python"},
+            "machine": "test", "shape": "tiny", "seconds": 600.0, "load_average": {"before": 0.1, "after": 1.0},
+            "servers": servers, "agreement": agreement}
+    assert report(data, tmp_path) == 0
+    out = capsys.readouterr().out
+    assert "greedy agreement, vLLM vs mmchat: 2/2 single-user answers identical (2 only once a leading space is " \
+           "dropped)" in out
+    vs = data["summary"]["vs_vllm"]
+    assert set(vs) == {"vllm", "vllm-bs32"}
+    assert vs["vllm"]["aggregate"] == pytest.approx({"8": 1.2, "16": 130 / 160})
+    assert vs["vllm-bs32"]["one_user_decode"] == pytest.approx(92 / 115)
+    assert vs["vllm"]["last_turn_ttft"] == pytest.approx(0.5) and vs["vllm"]["peak_memory"] == pytest.approx(1 / 3)
+    assert ("mmchat vs vLLM --block-size 32 (mmchat ÷ vLLM): aggregate tok/s 8 users 0.80×, 16 users 0.65×; one "
+            "user's decode 0.80×; turn-2 TTFT 2.00×; TTFT p50 1.00× and p95 1.00× at 16 users; peak memory at 16 "
+            "users 0.34×") in out
+
+    section = (tmp_path / "serve_readme.md").read_text()
+    assert "--vllm ../peers/vllm/bin/python" in section and "and by vLLM (`vllm serve FOLDER" in section
+    rows = [line for line in section.splitlines() if line.startswith("|")]
+    assert rows[0] == "| | mmchat | `vLLM` | `vLLM --block-size 32` | `transformers serve` |"
+    assert rows[2] == "| one user's decode, tok/s | 92.0 | 92.0 | 115.0 | 40.0 |"
+    assert rows[3] == ("| aggregate tok/s at 1 / 8 / 16 users | 46.0 / 120.0 / 130.0 | 50.0 / 100.0 / 160.0 | "
+                       "55.0 / 150.0 / 200.0 | 40.0 / 40.0 / 40.0 |")
+    assert rows[4] == "| TTFT turn 2, one user | 0.100 s | 0.200 s | 0.050 s | 1.000 s |"
+    assert rows[5].startswith("| TTFT p50 / p95 at 8 users | 0.20 s / 1.00 s |")
+    assert rows[6].startswith("| TTFT p50 / p95 at 16 users | 0.30 s / 1.50 s |")
+    assert rows[7] == "| peak memory at 16 users, MB | 1800 | 5400 | 5300 | 900 |"
+    assert rows[8] == "| start, s | 8.0 | 90.0 | 70.0 | 10.0 |"
+    assert "- vLLM: model process bound to core(s) 1" in section
     assert (tmp_path / "serve.png").read_bytes()[:4] == b"\x89PNG"

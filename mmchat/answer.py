@@ -143,6 +143,11 @@ def _stop_start(text: str, stops: tuple[str, ...]) -> int:
     return held
 
 
+def _is_byte_piece(piece: str | None) -> bool:
+    """`<0xE6>`: a sentencepiece byte-fallback token."""
+    return piece is not None and len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">")
+
+
 class IncrementalText:
     """The text of a growing list of token ids, decoded with constant work per token.
 
@@ -150,7 +155,10 @@ class IncrementalText:
     (`ids[prefix:read]`, the last piece of final text) with it adds to decoding them alone, so each
     token decodes a short window, and a tokenizer's leading-space rule (sentencepiece's dummy prefix,
     a word-level tokenizer's separators) applies in the window as in the whole. Text ending in U+FFFD
-    (a character whose bytes are not all there yet) stays `pending` until more tokens complete it.
+    (a character whose bytes are not all there yet) stays `pending` until more tokens complete it, and so
+    does a run of sentencepiece's byte tokens (`<0xE6>`: LLaMA's byte fallback decodes a run at once,
+    every byte of it U+FFFD if the run is not UTF-8, so a later byte can change the text of earlier ones;
+    a special token, skipped, does not end a run).
     Invariant: `stable + pending == tokenizer.decode(ids, skip_special_tokens=True)`.
     """
 
@@ -162,6 +170,8 @@ class IncrementalText:
         self.pending = ""
         """The text of the tokens after `stable`'s, as decoded now (a half character, say)."""
         self._prefix = self._read = 0
+        # Skipped when decoding, so a run of byte tokens on both sides of one is a single run.
+        self._specials = frozenset(tokenizer.all_special_ids)
         self._prefix_text = ""
         # transformers' clean-up of spaces before punctuation spans tokens: such a tokenizer decodes it all
         # every token (as any does once a token changes text before it).
@@ -180,7 +190,8 @@ class IncrementalText:
             self._whole = True
             return self._settle(self.tokenizer.decode(self.ids, skip_special_tokens=True))
         new = window[len(self._prefix_text):]
-        if not new or window.endswith("\ufffd"):
+        if not new or window.endswith("\ufffd") or token in self._specials or \
+                _is_byte_piece(self.tokenizer.convert_ids_to_tokens(token)):
             self.pending = new
             return
         self.stable += new

@@ -68,7 +68,7 @@ def choose_tokens(logits: torch.Tensor, gens: list[GenerationConfig], generators
     if any(s is not None for s in seen):
         no_penalty = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
         mask = torch.stack([no_penalty if s is None else s for s in seen])  # [B, V]
-        penalty = logits.new_tensor([g.repetition_penalty for g in gens]).unsqueeze(1)  # [B, 1]
+        penalty = _to_device([g.repetition_penalty for g in gens], logits).unsqueeze(1)  # [B, 1]
         # Out of place: the logits come from inference mode and cannot be written to.
         logits = torch.where(mask, torch.where(logits > 0, logits / penalty, logits * penalty), logits)
     rows = [i for i, g in enumerate(gens) if not g.greedy]
@@ -77,23 +77,25 @@ def choose_tokens(logits: torch.Tensor, gens: list[GenerationConfig], generators
     if len(rows) == len(gens):
         return _sample(logits, gens, generators).tolist()
     chosen = torch.argmax(logits, dim=-1)  # [B]
-    chosen[rows] = _sample(logits[rows], [gens[i] for i in rows], [generators[i] for i in rows])
+    index = _to_device(rows, chosen)
+    chosen[index] = _sample(logits[index], [gens[i] for i in rows], [generators[i] for i in rows])
     return chosen.tolist()
 
 
 def _sample(logits: torch.Tensor, gens: list[GenerationConfig], generators: list[torch.Generator | None]) -> torch.Tensor:
     """logits [R, V] -> [R] tokens drawn from each row's top-p nucleus at its temperature."""
-    temperature = logits.new_tensor([g.temperature for g in gens]).unsqueeze(1)
+    temperature = _to_device([g.temperature for g in gens], logits).unsqueeze(1)
     probs = torch.softmax(logits / temperature, dim=-1)  # [R, V]
     u = _uniforms(generators, logits.device)
     tokens, total = torch.empty(len(gens), dtype=torch.long, device=logits.device), torch.empty_like(u)
     whole = [i for i, g in enumerate(gens) if g.top_p >= 1.0]
     if whole:
+        whole = _to_device(whole, tokens)
         tokens[whole], total[whole] = _draw(probs[whole], u[whole])
     cut = [i for i, g in enumerate(gens) if g.top_p < 1.0]
     if cut:
-        top_p = logits.new_tensor([g.top_p for g in gens]).unsqueeze(1)
-        for rows, sorted_probs, order in _nuclei(probs, top_p, cut):
+        top_p = _to_device([g.top_p for g in gens], logits).unsqueeze(1)
+        for rows, sorted_probs, order in _nuclei(probs, top_p, _to_device(cut, tokens)):
             rank, total[rows] = _draw(sorted_probs, u[rows])
             tokens[rows] = order.gather(1, rank.unsqueeze(1)).squeeze(1)
     # Logits that overflowed: the most likely token is the only sane pick. (Only a GPU pays for a check.)
@@ -101,6 +103,13 @@ def _sample(logits: torch.Tensor, gens: list[GenerationConfig], generators: list
     if logits.device.type == "cpu" and not bool(unusable.any()):
         return tokens
     return torch.where(unusable, torch.argmax(torch.nan_to_num(logits, nan=-float("inf")), dim=-1), tokens)
+
+
+def _to_device(values: list, like: torch.Tensor) -> torch.Tensor:
+    """A small list as a tensor of `like`'s dtype and device, copied from pinned memory without waiting on
+    a GPU: the batch's one host sync stays the tokens' read."""
+    host = torch.tensor(values, dtype=like.dtype)
+    return host if like.device.type == "cpu" else host.pin_memory().to(like.device, non_blocking=True)
 
 
 def _uniforms(generators: list[torch.Generator | None], device) -> torch.Tensor:
@@ -122,8 +131,8 @@ def _draw(probs: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     return index.squeeze(1), total.squeeze(1)
 
 
-def _nuclei(probs: torch.Tensor, top_p: torch.Tensor, rows: list[int]):
-    """For `rows` of probs [R, V]: yields (rows, their probabilities sorted [r, K] and zero outside their
+def _nuclei(probs: torch.Tensor, top_p: torch.Tensor, rows: torch.Tensor):
+    """For `rows` [r] of probs [R, V]: yields (rows, their probabilities sorted [r, K] and zero outside their
     top-p [R, 1] nucleus, the token ids [r, K]). The nucleus is the smallest prefix of the sorted
     probabilities whose mass reaches top_p. A row whose nucleus fits in its `TOP_P_CANDIDATES` likeliest
     tokens takes them (K = 64, a partial sort); a wider one sorts all V: each row's own values decide."""
@@ -134,12 +143,11 @@ def _nuclei(probs: torch.Tensor, top_p: torch.Tensor, rows: list[int]):
         values, order = torch.topk(probs[rows], TOP_P_CANDIDATES, dim=-1)
         drop = _beyond_nucleus(values, top_p[rows])
         # cumsum - p grows along a sorted row, so a row that drops its k-th token drops every later one.
-        narrow = drop[:, -1].tolist()
-        if any(narrow):
-            keep = [i for i, n in enumerate(narrow) if n]
-            yield [rows[i] for i in keep], values[keep].masked_fill(drop[keep], 0.0), order[keep]
-        rows = [r for r, n in zip(rows, narrow) if not n]
-        if not rows:
+        narrow = drop[:, -1]
+        if bool(narrow.any()):
+            yield rows[narrow], values[narrow].masked_fill(drop[narrow], 0.0), order[narrow]
+        rows = rows[~narrow]
+        if not len(rows):
             return
     values, order = torch.sort(probs[rows], dim=-1, descending=True)
     yield rows, values.masked_fill(_beyond_nucleus(values, top_p[rows]), 0.0), order

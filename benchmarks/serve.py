@@ -83,9 +83,19 @@ class ServeBenchConfig:
     """vLLM's venv python (`bash benchmarks/peers/vllm.sh` makes it): vLLM is served too, default and
     `--block-size 32`; without it, vLLM is left out."""
     shape: LlavaShape = field(default_factory=lambda: SERVE_SHAPE)
+    servers: list[str] | None = None
+    """Which servers run (keys of `SERVERS`; mmchat always does: the others are compared with it).
+    None: all of them (vLLM's only with `vllm`). `benchmarks.gpu --dry-run` runs two, for time."""
+    solo_rounds: int = 5
+    """Paired rounds of one user's decode in process, a session alone vs the engine (`--quick`: 1)."""
 
     def __post_init__(self) -> None:
+        if self.servers is not None:
+            unknown = sorted(set(self.servers) - set(SERVERS))
+            if unknown:
+                raise ValueError(f"servers {unknown}: choose from {sorted(SERVERS)}")
         if self.quick:
+            self.solo_rounds = 1
             self.shape = QUICK_SHAPE
             self.turns, self.rounds, self.users = min(self.turns, 4), min(self.rounds, 3), [1, 4]
             self.new_tokens = min(self.new_tokens, 8)
@@ -360,7 +370,8 @@ def run(cfg: ServeBenchConfig) -> dict:
         plan = conversation_plan(cfg, lexicon)
         batching_flag = mmchat_batching_flag()
         keys = [k for k in SERVERS if (batching_flag or k != "mmchat-unbatched")
-                and (cfg.vllm is not None or k not in VLLM_SERVERS)]
+                and (cfg.vllm is not None or k not in VLLM_SERVERS)
+                and (cfg.servers is None or k == "mmchat" or k in cfg.servers)]
         if not batching_flag:
             progress("note: python -m mmchat.serve has no --max-batch here; mmchat runs once, with its defaults")
         servers = {}
@@ -372,7 +383,7 @@ def run(cfg: ServeBenchConfig) -> dict:
                                       "mmchat", cfg.new_tokens)
         progress("one user in this process: a chat session alone vs through the engine")
         solo = solo_vs_engine(folder, work, plan["single"].questions, data_url_image(plan["single"].picture),
-                              cfg.new_tokens, cfg.threads, rounds=1 if cfg.quick else 5)
+                              cfg.new_tokens, cfg.threads, rounds=cfg.solo_rounds)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     config = {**asdict(cfg), "out": str(cfg.out), "vllm": cfg.vllm and str(cfg.vllm)}

